@@ -1,0 +1,29 @@
+"""The one exception type stages raise for bad input, and the CLI wrapper that reports it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class DepthpipeError(Exception):
+    """A user-facing error: bad params, a bad input file, a missing output of an earlier stage.
+
+    The message names the param or file and says what is wrong; no traceback is shown for it.
+    """
+
+
+class ConfigError(DepthpipeError):
+    """A value in params.yaml is unknown, of the wrong type or out of range."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a stage's ``main`` and turn a DepthpipeError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except DepthpipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: partial outputs were removed", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,200 @@
+"""pretrain@<preset>: self-supervised pretraining of a ResNet encoder with LightlyTrain.
+
+LightlyTrain works in a folder outside the stage outputs (.depthpipe/pretrain/<preset>-<key>),
+keyed by a hash of everything the run depends on. A run killed part-way leaves its checkpoint
+there, and the next run with the same key resumes from it; a run whose params or data changed
+gets a new key and starts clean. Only at the end is the encoder exported into the outputs:
+models/pretrain/<preset>/{encoder.pt, train.log, pretrain.json} and dvclive/pretrain/<preset>.
+DVC's run cache stays on because nothing is ``persist: true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from depthpipe.atomic import atomic_outputs
+from depthpipe.config import Params, load_params
+from depthpipe.encoders import load_encoder
+from depthpipe.errors import DepthpipeError, run_cli
+from depthpipe.hardware import trainer_kwargs
+from depthpipe.paths import ProjectPaths, project_paths
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DONE_MARKER = "depthpipe-complete.json"
+
+
+def list_pretrain_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DepthpipeError(f"{folder}: image folder not found (run the preprocess stage)")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DepthpipeError(f"{folder}: no images to pretrain on")
+    return images
+
+
+def lightly_arguments(params: Params, preset: str) -> dict[str, Any]:
+    """Everything passed to ``lightly_train.pretrain`` except the folders."""
+    cfg = params.pretrain
+    # DINO's local crops default to 96 px for 224 px global crops; keep that ratio.
+    local = max(16, round(cfg.image_size * 96 / 224))
+    transform_args = cfg.presets[preset].transform_args(cfg.image_size)
+    if cfg.method == "dino":
+        transform_args["local_view"] = {"view_size": (local, local)}
+    return {
+        "model": f"torchvision/{params.model.arch}",
+        "method": cfg.method,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.trainer.num_workers,
+        "seed": params.seed,
+        "transform_args": transform_args,
+        **trainer_kwargs(cfg.trainer),
+    }
+
+
+def run_key(arguments: dict[str, Any], images: list[Path], folder: Path) -> str:
+    """Hash of the arguments and the image set (names and sizes: cheap even for 128k files)."""
+    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode())
+    for image in images:
+        digest.update(f"{image.relative_to(folder)}:{image.stat().st_size}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def is_global_zero() -> bool:
+    """True in the process that owns the run (not a DDP worker started by Lightning, torchrun
+    or SLURM): only it may prepare the working folder and export."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(os.environ.get(name, "0") == "0" for name in ranks)
+
+
+def prepare_workdir(paths: ProjectPaths, preset: str, key: str) -> tuple[Path, bool]:
+    """Return the working folder and whether to resume in it.
+
+    Folders of this preset under other keys are stale (other params): removed to free disk.
+    """
+    workdir = paths.pretrain_workdir(preset, key)
+    for stale in workdir.parent.glob(f"{preset}-*"):
+        if stale != workdir:
+            shutil.rmtree(stale, ignore_errors=True)
+    if (workdir / DONE_MARKER).is_file():
+        return workdir, False
+    if (workdir / "checkpoints" / "last.ckpt").is_file():
+        return workdir, True
+    # Killed before its first checkpoint: nothing to resume, start clean.
+    shutil.rmtree(workdir, ignore_errors=True)
+    return workdir, False
+
+
+def pretrain(arguments: dict[str, Any], data: Path, workdir: Path, resume: bool) -> float:
+    """Run LightlyTrain; return the wall time in seconds."""
+    import lightly_train  # heavy import, only when training
+
+    start = time.perf_counter()
+    lightly_train.pretrain(
+        out=str(workdir), data=str(data), resume_interrupted=resume, overwrite=False, **arguments
+    )
+    elapsed = time.perf_counter() - start
+    return elapsed
+
+
+def read_losses(metrics_jsonl: Path) -> list[tuple[int, int, float]]:
+    """(step, epoch, train_loss) from LightlyTrain's metrics.jsonl; a resumed run appends to the
+    file, so a step seen twice keeps its last value."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for line in metrics_jsonl.read_text().splitlines():
+        row = json.loads(line)
+        if "train_loss" in row:
+            by_step[int(row["step"])] = (int(row.get("epoch", -1)), float(row["train_loss"]))
+    return [(step, epoch, loss) for step, (epoch, loss) in sorted(by_step.items())]
+
+
+def write_dvclive(losses: list[tuple[int, int, float]], live_dir: Path) -> None:
+    """Record the loss curve with DVCLive (plots declared in dvc.yaml, hence dvcyaml=False)."""
+    from dvclive import Live
+
+    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+        for step, epoch, loss in losses:
+            live.step = step
+            live.log_metric("train/loss", loss)
+            live.log_metric("epoch", epoch, plot=False)
+            live.make_summary()
+
+
+def export(
+    params: Params, preset: str, workdir: Path, paths: ProjectPaths, stats: dict[str, Any]
+) -> None:
+    exported = workdir / "exported_models" / "exported_last.pt"
+    load_encoder(params.model.arch, exported)  # strict: refuse to publish a misfit encoder
+    losses = read_losses(workdir / "metrics.jsonl")
+    outs = (paths.encoder_dir(preset), paths.pretrain_live(preset))
+    with atomic_outputs(*outs) as (model_dir, live_dir):
+        shutil.copy2(exported, model_dir / "encoder.pt")
+        if (workdir / "train.log").is_file():
+            shutil.copy2(workdir / "train.log", model_dir / "train.log")
+        summary = {**stats, "final_train_loss": losses[-1][2] if losses else None}
+        (model_dir / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_dvclive(losses, live_dir)
+
+
+def run(params: Params, paths: ProjectPaths, preset: str) -> dict[str, Any]:
+    if preset not in params.pretrain.presets:
+        raise DepthpipeError(
+            f"pretrain: preset '{preset}' is not in pretrain.presets "
+            f"(have: {', '.join(sorted(params.pretrain.presets))})"
+        )
+    images = list_pretrain_images(paths.processed_megadepth)
+    arguments = lightly_arguments(params, preset)
+    key = run_key(arguments, images, paths.processed_megadepth)
+    leader = is_global_zero()
+    workdir, resume = paths.pretrain_workdir(preset, key), False
+    if leader:
+        workdir, resume = prepare_workdir(paths, preset, key)
+    seconds = 0.0
+    if not (workdir / DONE_MARKER).is_file():
+        seconds = pretrain(arguments, paths.processed_megadepth, workdir, resume)
+    stats = {
+        "preset": preset,
+        "run_key": key,
+        "resumed": resume,
+        "images": len(images),
+        "epochs": params.pretrain.epochs,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(images) * params.pretrain.epochs / seconds, 2)
+        if seconds and not resume
+        else None,
+    }
+    if leader:
+        (workdir / DONE_MARKER).write_text(json.dumps(stats) + "\n")
+        export(params, preset, workdir, paths, stats)
+        shutil.rmtree(workdir)  # exported and cached by DVC: the checkpoints are not needed
+    return stats
+
+
+def configure_environment(paths: ProjectPaths) -> None:
+    """Telemetry off, LightlyTrain's cache inside the project (writable, never $HOME)."""
+    os.environ["LIGHTLY_TRAIN_EVENTS_DISABLED"] = "1"
+    os.environ.setdefault("LIGHTLY_TRAIN_CACHE_DIR", str(paths.root / ".depthpipe" / "cache"))
+    os.environ.setdefault("MPLCONFIGDIR", str(paths.root / ".depthpipe" / "matplotlib"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("preset", help="a key of pretrain.presets in params.yaml")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
+    args = parser.parse_args()
+    paths = project_paths(args.root)
+    configure_environment(paths)
+    stats = run(load_params(paths.params), paths, args.preset)
+    if is_global_zero():
+        print(f"pretrain@{args.preset}: {json.dumps(stats)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
