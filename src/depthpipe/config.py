@@ -148,7 +148,8 @@ class PretrainConfig:
             )
         if self.method not in OFFLINE_METHODS:
             raise ConfigError(
-                f"pretrain.method: '{self.method}' is unknown; use one of {', '.join(OFFLINE_METHODS)}"
+                f"pretrain.method: '{self.method}' is unknown; "
+                f"use one of {', '.join(OFFLINE_METHODS)}"
             )
         if not self.presets:
             raise ConfigError("pretrain.presets: at least one preset is needed")
@@ -162,7 +163,7 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneAugment:
-    """Training-only augmentation, identical for every encoder (the tutorial's, made depth-correct)."""
+    """Training-only augmentation, the same for every encoder: the tutorial's, depth-correct."""
 
     rotation_degrees: float = field(default=15.0, metadata=_range(0.0, 45.0))
     crop_scale_min: float = field(default=0.2, metadata=_range(0.01, 1.0))  # area fraction
@@ -291,9 +292,8 @@ def _scalar(hint: type, value: Any, key: str, meta: Any) -> Any:
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    elif hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and value < lo:
         raise ConfigError(f"{key}: {value} is below the minimum {lo}")

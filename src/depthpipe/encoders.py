@@ -44,7 +44,9 @@ def load_encoder(arch: str, path: Path) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:  # same keys, other shapes (e.g. resnet18 vs resnet34 stem)
         first = str(error).splitlines()[1:3]
-        raise DepthpipeError(f"{path}: does not fit torchvision {arch}: {' '.join(first)}") from error
+        raise DepthpipeError(
+            f"{path}: does not fit torchvision {arch}: {' '.join(first)}"
+        ) from error
     return model
 
 

@@ -18,7 +18,7 @@ class ConfigError(DepthpipeError):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a stage's ``main`` and turn a DepthpipeError into one line on stderr and exit status 2."""
+    """Run a stage's ``main``; a DepthpipeError becomes one line on stderr and exit status 2."""
     try:
         main()
     except DepthpipeError as error:

@@ -24,7 +24,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def trainer_kwargs(cfg: TrainerConfig) -> dict[str, Any]:
-    """accelerator/devices/num_nodes/strategy/precision for ``lightning.Trainer`` or LightlyTrain."""
+    """accelerator, devices, num_nodes, strategy, precision for Lightning or LightlyTrain."""
     strategy = cfg.strategy
     if strategy == "auto" and cfg.devices * cfg.num_nodes > 1:
         strategy = "ddp"  # one process per device; gloo on CPU, NCCL on GPUs

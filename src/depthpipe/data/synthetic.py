@@ -255,7 +255,7 @@ def _texture(u: np.ndarray, v: np.ndarray, seed: int) -> np.ndarray:
     coarse = _value_noise(u / 4.0, v / 4.0, seed)
     medium = _value_noise(u, v, seed + 1)
     fine = _hash01(np.floor(u * 8), np.floor(v * 8), seed + 2)
-    return 0.55 + 0.25 * coarse + 0.15 * medium + 0.1 * fine
+    return 0.45 + 0.2 * coarse + 0.25 * medium + 0.2 * fine
 
 
 def _surface_coords(points: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

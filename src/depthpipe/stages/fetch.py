@@ -26,16 +26,29 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, int]:
     with atomic_outputs(paths.raw_diode, paths.raw_megadepth) as (diode_dir, megadepth_dir):
         counts = {
             "diode_train": synthetic.write_diode_split(
-                diode_dir, "train", range(1, cfg.train_scenes + 1),
-                cfg.scans_per_scene, cfg.views_per_scan, size, params.seed,
+                diode_dir,
+                "train",
+                range(1, cfg.train_scenes + 1),
+                cfg.scans_per_scene,
+                cfg.views_per_scan,
+                size,
+                params.seed,
             ),
             "diode_val": synthetic.write_diode_split(
-                diode_dir, "val", range(VAL_SCENE_OFFSET, VAL_SCENE_OFFSET + cfg.val_scenes),
-                cfg.scans_per_scene, cfg.views_per_scan, size, params.seed,
+                diode_dir,
+                "val",
+                range(VAL_SCENE_OFFSET, VAL_SCENE_OFFSET + cfg.val_scenes),
+                cfg.scans_per_scene,
+                cfg.views_per_scan,
+                size,
+                params.seed,
             ),
             "megadepth": synthetic.write_megadepth(
-                megadepth_dir, cfg.megadepth_scenes, cfg.megadepth_images_per_scene,
-                cfg.megadepth_long_side, params.seed,
+                megadepth_dir,
+                cfg.megadepth_scenes,
+                cfg.megadepth_images_per_scene,
+                cfg.megadepth_long_side,
+                params.seed,
             ),
         }
     return counts

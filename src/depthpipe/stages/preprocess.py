@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ def split_scenes(scenes: list[str], val_fraction: float, seed: int) -> tuple[lis
             f"DIODE train has {len(unique)} scene(s): at least 2 are needed to split by scene"
         )
     order = np.random.default_rng([seed, 0x5B117]).permutation(len(unique))
-    n_val = min(len(unique) - 1, max(1, math.ceil(val_fraction * len(unique))))
+    n_val = min(len(unique) - 1, max(1, round(val_fraction * len(unique))))
     val = sorted(unique[i] for i in order[:n_val])
     train = sorted(s for s in unique if s not in val)
     return train, val
@@ -50,20 +49,30 @@ def _entry(files: diode.SampleFiles, raw_root: Path) -> dict[str, str]:
 
 
 def pack_split(
-    samples: list[diode.SampleFiles], out: Path, size: tuple[int, int], raw_root: Path,
+    samples: list[diode.SampleFiles],
+    out: Path,
+    size: tuple[int, int],
+    raw_root: Path,
     skipped: list[dict[str, str]],
 ) -> int:
     writer = PackedWriter(out, capacity=len(samples), size=size)
+    skipped_before = len(skipped)
     for files in samples:
         try:
             sample = diode.read_sample(files)
         except diode.BadSample as error:
-            skipped.append({"file": files.image.relative_to(raw_root).as_posix(), "reason": str(error)})
+            skipped.append(
+                {"file": files.image.relative_to(raw_root).as_posix(), "reason": str(error)}
+            )
             continue
         writer.add(sample.image, sample.depth, sample.mask, _entry(files, raw_root))
     count = writer.close()
     if count == 0:
-        raise DepthpipeError(f"{out.name}: no valid sample left (see the reasons above)")
+        first = skipped[skipped_before] if len(skipped) > skipped_before else None
+        why = f"; first: {first['file']}: {first['reason']}" if first else ""
+        raise DepthpipeError(
+            f"{out.name}: no valid sample left ({len(skipped) - skipped_before} skipped{why})"
+        )
     return count
 
 
@@ -84,7 +93,9 @@ def preprocess_diode(
         "test": test,
     }
     size = (params.preprocess.height, params.preprocess.width)
-    counts = {name: pack_split(files, out / name, size, raw, skipped) for name, files in parts.items()}
+    counts = {
+        name: pack_split(files, out / name, size, raw, skipped) for name, files in parts.items()
+    }
     return {"counts": counts, "train_scenes": train_scenes, "validation_scenes": val_scenes}
 
 
@@ -119,7 +130,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
     with atomic_outputs(*outs) as (diode_out, megadepth_out, report_out):
         report = {
             "diode": preprocess_diode(params, paths.raw_diode, diode_out, skipped),
-            "megadepth": {"images": preprocess_megadepth(params, paths.raw_megadepth, megadepth_out, skipped)},
+            "megadepth": {
+                "images": preprocess_megadepth(params, paths.raw_megadepth, megadepth_out, skipped)
+            },
             "skipped": skipped,
         }
         report_out.write_text(json.dumps(report, indent=2) + "\n")

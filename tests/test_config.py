@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from depthpipe.config import load_params, parse_params
+from depthpipe.errors import ConfigError
+from tests.conftest import REPO, committed_params, deep_merge, run_module, write_params
+
+
+def _with(override: dict) -> dict:
+    return deep_merge(committed_params(), override)
+
+
+def test_load_params__committed_file_is_valid() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.aug == "conservative"
+    assert set(params.pretrain.presets) == {"aggressive", "conservative"}
+    aggressive = params.pretrain.presets["aggressive"]
+    assert aggressive.random_rotation.degrees == 90
+    assert aggressive.random_flip.vertical_prob == 0.5
+    assert params.pretrain.presets["conservative"].random_flip.vertical_prob == 0.0
+    with pytest.raises(AttributeError):
+        params.seed = 3  # frozen
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"finetune": {"lrr": 0.1}}, "finetune.lrr: unknown key"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"finetune": {"lr": "fast"}}, "finetune.lr: expected a number"),
+        ({"finetune": {"epochs": 2.5}}, "finetune.epochs: expected an integer"),
+        ({"finetune": {"epochs": True}}, "finetune.epochs: expected an integer"),
+        ({"finetune": {"epochs": 0}}, "finetune.epochs: 0 is below the minimum 1"),
+        ({"preprocess": {"val_fraction": 1.5}}, "preprocess.val_fraction: 1.5 is above"),
+        ({"finetune": {"loss": "huber"}}, "finetune.loss: 'huber' is not one of"),
+        ({"model": {"arch": "vgg16"}}, "model.arch: 'vgg16' is not one of"),
+        ({"aug": "wild"}, "aug: 'wild' names no preset"),
+        ({"pretrain": {"method": "distillation"}}, "downloads teacher weights"),
+        ({"pretrain": {"method": "byol2"}}, "pretrain.method: 'byol2' is unknown"),
+        ({"data": {"source": "official"}}, "'official' is not available yet"),
+        ({"data": {"source": "local"}}, "'local' is not available yet"),
+        ({"depth": {"min_depth": 10.0, "max_depth": 5.0}}, "depth.min_depth must be below"),
+        (
+            {"pretrain": {"presets": {"aggressive": {"random_rotation": {"degree": 5}}}}},
+            "pretrain.presets.aggressive.random_rotation.degree: unknown key",
+        ),
+        (
+            {"pretrain": {"presets": {"aggressive": {"colour_jitter": {}}}}},
+            "pretrain.presets.aggressive.colour_jitter: unknown key",
+        ),
+        (
+            {"pretrain": {"presets": {"aggressive": {"random_flip": {"vertical_prob": 2}}}}},
+            "pretrain.presets.aggressive.random_flip.vertical_prob: 2.0 is above",
+        ),
+        ({"pretrain": {"presets": {"Bad Name": {}}}}, "pretrain.presets.Bad Name: a preset name"),
+        ({"pretrain": {"presets": {"scratch": {}}}}, "pretrain.presets.scratch: a preset name"),
+        (
+            {"finetune": {"augment": {"crop_scale_min": 0.9, "crop_scale_max": 0.5}}},
+            "crop_scale_min must not exceed",
+        ),
+    ],
+)
+def test_parse_params__rejects_bad_value_naming_key(override: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_params(_with(override))
+
+
+def test_parse_params__missing_aug_named() -> None:
+    raw = committed_params()
+    del raw["aug"]
+    with pytest.raises(ConfigError, match="aug: required key is missing"):
+        parse_params(raw)
+
+
+def test_load_params__not_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("aug: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_third_preset_is_accepted() -> None:
+    raw = _with({"pretrain": {"presets": {"mild": {"random_rotation": {"degrees": 5}}}}})
+    params = parse_params(raw)
+    assert params.encoder_names() == ("scratch", "aggressive", "conservative", "mild")
+    args = params.pretrain.presets["mild"].transform_args(64)
+    assert args["random_rotation"] == {"prob": 1.0, "degrees": 5.0}
+    assert args["image_size"] == (64, 64)
+
+
+def test_stage_cli__bad_param_exits_nonzero_naming_key(tmp_path: Path) -> None:
+    write_params(tmp_path, {"data": {"synthetic": {"width": "wide"}}})
+    result = run_module("depthpipe.stages.fetch", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data.synthetic.width: expected an integer" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()  # rejected before any work
+
+
+def test_params_yaml__every_knob_is_commented() -> None:
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.endswith(":"):  # section
+            continue
+        commented = "#" in line or lines[i - 1].strip().startswith("#")
+        assert commented, f"params.yaml line {i + 1} has no comment: {line!r}"
