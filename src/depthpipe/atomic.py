@@ -79,3 +79,15 @@ def atomic_outputs(*finals: Path) -> Iterator[tuple[Path, ...]]:
             stack.enter_context(atomic_dir(p) if not p.suffix else atomic_file(p)) for p in finals
         )
         yield staged
+
+
+@contextlib.contextmanager
+def staged_outputs(*finals: Path, publish: bool) -> Iterator[tuple[Path, ...]]:
+    """``atomic_outputs`` in the process that publishes; elsewhere (a DDP worker) throwaway
+    folders, so only one process ever replaces the real outputs."""
+    if publish:
+        with atomic_outputs(*finals) as staged:
+            yield staged
+        return
+    with tempfile.TemporaryDirectory(prefix="depthpipe-worker-") as scratch:
+        yield tuple(Path(scratch) / f"{i}-{p.name}" for i, p in enumerate(finals))

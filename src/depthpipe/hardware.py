@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -35,3 +36,10 @@ def trainer_kwargs(cfg: TrainerConfig) -> dict[str, Any]:
         "strategy": strategy,
         "precision": resolve_precision(cfg.precision, cfg.accelerator),
     }
+
+
+def is_global_zero() -> bool:
+    """True in the process that owns the run, not in a DDP worker started by Lightning,
+    torchrun or SLURM: only it prepares working folders and publishes outputs."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(os.environ.get(name, "0") == "0" for name in ranks)

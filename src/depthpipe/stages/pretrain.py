@@ -23,7 +23,7 @@ from depthpipe.atomic import atomic_outputs
 from depthpipe.config import Params, load_params
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
-from depthpipe.hardware import trainer_kwargs
+from depthpipe.hardware import is_global_zero, trainer_kwargs
 from depthpipe.paths import ProjectPaths, project_paths
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -67,13 +67,6 @@ def run_key(arguments: dict[str, Any], images: list[Path], folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def is_global_zero() -> bool:
-    """True in the process that owns the run (not a DDP worker started by Lightning, torchrun
-    or SLURM): only it may prepare the working folder and export."""
-    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
-    return all(os.environ.get(name, "0") == "0" for name in ranks)
-
-
 def prepare_workdir(paths: ProjectPaths, preset: str, key: str) -> tuple[Path, bool]:
     """Return the working folder and whether to resume in it.
 
@@ -90,6 +83,13 @@ def prepare_workdir(paths: ProjectPaths, preset: str, key: str) -> tuple[Path, b
     # Killed before its first checkpoint: nothing to resume, start clean.
     shutil.rmtree(workdir, ignore_errors=True)
     return workdir, False
+
+
+def checkpoint_epoch(checkpoint: Path) -> int:
+    """The epoch a Lightning checkpoint will resume at (it stores the next epoch to run)."""
+    import torch
+
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"])
 
 
 def pretrain(arguments: dict[str, Any], data: Path, workdir: Path, resume: bool) -> float:
@@ -157,17 +157,21 @@ def run(params: Params, paths: ProjectPaths, preset: str) -> dict[str, Any]:
     if leader:
         workdir, resume = prepare_workdir(paths, preset, key)
     seconds = 0.0
+    start_epoch = checkpoint_epoch(workdir / "checkpoints" / "last.ckpt") if resume else 0
     if not (workdir / DONE_MARKER).is_file():
         seconds = pretrain(arguments, paths.processed_megadepth, workdir, resume)
     stats = {
         "preset": preset,
         "run_key": key,
         "resumed": resume,
+        "resumed_at_epoch": start_epoch,
         "images": len(images),
         "epochs": params.pretrain.epochs,
         "seconds": round(seconds, 2),
-        "images_per_second": round(len(images) * params.pretrain.epochs / seconds, 2)
-        if seconds and not resume
+        "images_per_second": round(
+            len(images) * (params.pretrain.epochs - start_epoch) / seconds, 2
+        )
+        if seconds
         else None,
     }
     if leader:

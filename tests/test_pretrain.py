@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from depthpipe.config import load_params
+from depthpipe.encoders import load_encoder
+from depthpipe.errors import DepthpipeError
+from depthpipe.paths import project_paths
+from depthpipe.stages import pretrain
+from tests.conftest import copy_project, run_module, write_params
+
+
+@pytest.fixture
+def project(fetched_project: Path, tmp_path: Path) -> Path:
+    return copy_project(fetched_project, tmp_path / "p")
+
+
+def _workdirs(root: Path, preset: str) -> list[Path]:
+    return sorted((root / ".depthpipe" / "pretrain").glob(f"{preset}-*"))
+
+
+@pytest.mark.slow
+def test_pretrain__exports_strict_encoder_and_dvclive(project: Path) -> None:
+    paths = project_paths(project)
+    stats = pretrain.run(load_params(paths.params), paths, "aggressive")
+    assert stats["resumed"] is False and stats["images"] == 8
+    encoder = load_encoder("resnet18", paths.encoder_file("aggressive"))
+    assert sum(p.numel() for p in encoder.parameters()) > 11_000_000
+    assert (paths.encoder_dir("aggressive") / "train.log").stat().st_size > 0
+    summary = json.loads((paths.encoder_dir("aggressive") / "pretrain.json").read_text())
+    assert summary["final_train_loss"] > 0
+    live = paths.pretrain_live("aggressive")
+    rows = (live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\tloss" and len(rows) >= 2
+    assert json.loads((live / "metrics.json").read_text())["train"]["loss"] > 0
+    assert _workdirs(project, "aggressive") == []  # exported, so the work folder is gone
+
+
+def test_pretrain__transform_args_follow_preset(project: Path) -> None:
+    params = load_params(project_paths(project).params)
+    args = pretrain.lightly_arguments(params, "aggressive")
+    assert args["method"] == "dino" and args["model"] == "torchvision/resnet18"
+    assert args["transform_args"]["random_rotation"] == {"prob": 1.0, "degrees": 90.0}
+    assert args["transform_args"]["random_flip"] == {"horizontal_prob": 0.5, "vertical_prob": 0.5}
+    assert args["transform_args"]["image_size"] == (32, 32)
+    conservative = pretrain.lightly_arguments(params, "conservative")["transform_args"]
+    assert conservative["random_rotation"]["degrees"] == 15.0
+    assert conservative["random_flip"]["vertical_prob"] == 0.0
+
+
+def test_pretrain__unknown_preset_and_empty_folder(project: Path) -> None:
+    paths = project_paths(project)
+    params = load_params(paths.params)
+    with pytest.raises(DepthpipeError, match=r"preset 'wild' is not in pretrain\.presets"):
+        pretrain.run(params, paths, "wild")
+    for image in paths.processed_megadepth.iterdir():
+        image.unlink()
+    with pytest.raises(DepthpipeError, match=r"megadepth: no images to pretrain on"):
+        pretrain.run(params, paths, "aggressive")
+    paths.processed_megadepth.rmdir()
+    result = run_module("depthpipe.stages.pretrain", "aggressive", cwd=project)
+    assert result.returncode == 2 and "image folder not found" in result.stderr
+
+
+def _start(project: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "depthpipe.stages.pretrain", "conservative"],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_after_first_checkpoint(project: Path) -> Path:
+    process = _start(project)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            found = [
+                w
+                for w in _workdirs(project, "conservative")
+                if (w / "checkpoints" / "last.ckpt").is_file()
+            ]
+            if found:
+                time.sleep(1.0)  # let the checkpoint file be complete
+                process.send_signal(signal.SIGKILL)  # a lost node: no chance to clean up
+                process.wait(timeout=60)
+                return found[0]
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    raise AssertionError(f"no checkpoint before the run ended: {process.stderr.read()}")
+
+
+@pytest.mark.slow
+def test_pretrain__killed_run_resumes_and_params_change_starts_clean(project: Path) -> None:
+    write_params(project, {"pretrain": {"epochs": 30}})  # long enough to be killed mid-way
+    paths = project_paths(project)
+    workdir = _kill_after_first_checkpoint(project)
+    assert not paths.encoder_dir("conservative").exists()  # nothing half-exported
+    killed_at = pretrain.checkpoint_epoch(workdir / "checkpoints" / "last.ckpt")
+    assert 0 <= killed_at < 29
+
+    # Same params: continues in the same folder from the checkpoint's epoch.
+    result = run_module("depthpipe.stages.pretrain", "conservative", cwd=project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads((paths.encoder_dir("conservative") / "pretrain.json").read_text())
+    assert stats["resumed"] is True and stats["resumed_at_epoch"] == killed_at
+    assert stats["run_key"] == workdir.name.split("-", 1)[1]
+    losses = (paths.pretrain_live("conservative") / "plots/metrics/train/loss.tsv").read_text()
+    steps = [int(line.split("\t")[0]) for line in losses.splitlines()[1:]]
+    assert len(steps) == 30 and steps == sorted(steps)  # one curve, before and after the kill
+
+    # Changed params: the interrupted folder of the old params is not resumed.
+    workdir = _kill_after_first_checkpoint(project)
+    write_params(project, {"pretrain": {"epochs": 2}})
+    result = run_module("depthpipe.stages.pretrain", "conservative", cwd=project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads((paths.encoder_dir("conservative") / "pretrain.json").read_text())
+    assert stats["resumed"] is False and stats["run_key"] != workdir.name.split("-", 1)[1]
+    assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_pretrain__two_processes_ddp_on_cpu(project: Path) -> None:
+    write_params(project, {"pretrain": {"trainer": {"devices": 2, "strategy": "ddp"}}})
+    result = run_module("depthpipe.stages.pretrain", "aggressive", cwd=project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "MEMBER: 2/2" in log or "world_size=2" in log.replace(" ", ""), log[-2000:]
+    load_encoder("resnet18", project_paths(project).encoder_file("aggressive"))
