@@ -53,7 +53,8 @@ def committed_params() -> dict[str, Any]:
 
 
 def write_params(root: Path, *overrides: dict[str, Any]) -> Path:
-    params = committed_params()
+    """params.yaml in ``root``: the committed file shrunk to TINY, then ``overrides``."""
+    params = deep_merge(committed_params(), TINY)
     for override in overrides:
         params = deep_merge(params, override)
     path = root / "params.yaml"
@@ -72,7 +73,7 @@ def _writable_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     """An empty project folder with the tiny params."""
-    write_params(tmp_path, TINY)
+    write_params(tmp_path)
     return tmp_path
 
 
@@ -98,7 +99,7 @@ def fetched_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from depthpipe.stages import fetch, preprocess
 
     root = tmp_path_factory.mktemp("fetched")
-    write_params(root, TINY)
+    write_params(root)
     paths = project_paths(root)
     params = load_params(paths.params)
     fetch.run(params, paths)

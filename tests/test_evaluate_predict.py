@@ -15,7 +15,7 @@ from depthpipe.metrics import depth_metrics
 from depthpipe.model import DepthNet, ModelSpec, build_unet, load_finetuned
 from depthpipe.paths import project_paths
 from depthpipe.stages import evaluate, fetch, preprocess
-from tests.conftest import TINY, deep_merge, run_module, write_params
+from tests.conftest import run_module, write_params
 
 LOW_RES = {"preprocess": {"height": 24, "width": 32}}  # model input at half the raw 48x64
 
@@ -32,7 +32,7 @@ def save_untrained_model(folder: Path, spec: ModelSpec, seed: int) -> None:
 @pytest.fixture(scope="module")
 def scored_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("evaluate")
-    write_params(root, deep_merge(TINY, LOW_RES))
+    write_params(root, LOW_RES)
     paths = project_paths(root)
     params = load_params(paths.params)
     fetch.run(params, paths)
@@ -90,7 +90,7 @@ def test_evaluate__predictions_at_ground_truth_resolution(scored_project: Path) 
 
 
 def test_evaluate__missing_model_named(scored_project: Path, tmp_path: Path) -> None:
-    write_params(tmp_path, TINY)
+    write_params(tmp_path)
     result = run_module("depthpipe.stages.evaluate", cwd=tmp_path)
     assert result.returncode == 2 and "model.json: model description not found" in result.stderr
 

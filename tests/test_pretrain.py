@@ -103,12 +103,12 @@ def _kill_after_first_checkpoint(project: Path) -> Path:
 
 @pytest.mark.slow
 def test_pretrain__killed_run_resumes_and_params_change_starts_clean(project: Path) -> None:
-    write_params(project, {"pretrain": {"epochs": 30}})  # long enough to be killed mid-way
+    write_params(project, {"pretrain": {"epochs": 12}})  # long enough to be killed mid-way
     paths = project_paths(project)
     workdir = _kill_after_first_checkpoint(project)
     assert not paths.encoder_dir("conservative").exists()  # nothing half-exported
     killed_at = pretrain.checkpoint_epoch(workdir / "checkpoints" / "last.ckpt")
-    assert 0 <= killed_at < 29
+    assert 0 <= killed_at < 11
 
     # Same params: continues in the same folder from the checkpoint's epoch.
     result = run_module("depthpipe.stages.pretrain", "conservative", cwd=project)
@@ -118,7 +118,7 @@ def test_pretrain__killed_run_resumes_and_params_change_starts_clean(project: Pa
     assert stats["run_key"] == workdir.name.split("-", 1)[1]
     losses = (paths.pretrain_live("conservative") / "plots/metrics/train/loss.tsv").read_text()
     steps = [int(line.split("\t")[0]) for line in losses.splitlines()[1:]]
-    assert len(steps) == 30 and steps == sorted(steps)  # one curve, before and after the kill
+    assert len(steps) == 12 and steps == sorted(steps)  # one curve, before and after the kill
 
     # Changed params: the interrupted folder of the old params is not resumed.
     workdir = _kill_after_first_checkpoint(project)
@@ -132,7 +132,8 @@ def test_pretrain__killed_run_resumes_and_params_change_starts_clean(project: Pa
 
 @pytest.mark.slow
 def test_pretrain__two_processes_ddp_on_cpu(project: Path) -> None:
-    write_params(project, {"pretrain": {"trainer": {"devices": 2, "strategy": "ddp"}}})
+    # strategy auto: LightlyTrain chooses DDP (find_unused_parameters) over gloo on CPU
+    write_params(project, {"pretrain": {"trainer": {"devices": 2, "strategy": "auto"}}})
     result = run_module("depthpipe.stages.pretrain", "aggressive", cwd=project)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr

@@ -26,14 +26,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def trainer_kwargs(cfg: TrainerConfig) -> dict[str, Any]:
     """accelerator, devices, num_nodes, strategy, precision for Lightning or LightlyTrain."""
-    strategy = cfg.strategy
-    if strategy == "auto" and cfg.devices * cfg.num_nodes > 1:
-        strategy = "ddp"  # one process per device; gloo on CPU, NCCL on GPUs
+    # "auto" is passed through: with several processes Lightning picks DDP (gloo on CPU, NCCL on
+    # GPUs) and LightlyTrain picks DDP with find_unused_parameters, which its methods need.
     return {
         "accelerator": cfg.accelerator,
         "devices": cfg.devices,
         "num_nodes": cfg.num_nodes,
-        "strategy": strategy,
+        "strategy": cfg.strategy,
         "precision": resolve_precision(cfg.precision, cfg.accelerator),
     }
 

@@ -88,7 +88,7 @@ def loaders(params: Params, paths: ProjectPaths) -> tuple[DataLoader, DataLoader
         "pin_memory": torch.cuda.is_available() and cfg.trainer.accelerator != "cpu",
     }
     return (
-        DataLoader(train, shuffle=True, drop_last=len(train) > cfg.batch_size, **common),
+        DataLoader(train, shuffle=True, **common),
         DataLoader(val, shuffle=False, **common),
     )
 

@@ -97,8 +97,16 @@ def pretrain(arguments: dict[str, Any], data: Path, workdir: Path, resume: bool)
     import lightly_train  # heavy import, only when training
 
     start = time.perf_counter()
+    # A fresh run starts in a folder prepare_workdir has just emptied, so ``overwrite`` deletes
+    # nothing; it is needed because a run killed with SIGKILL leaves LightlyTrain's file-list
+    # memory map behind in its cache, which a plain fresh start mistakes for a concurrent run
+    # (the run key includes the image list, so that map still describes the same data).
     lightly_train.pretrain(
-        out=str(workdir), data=str(data), resume_interrupted=resume, overwrite=False, **arguments
+        out=str(workdir),
+        data=str(data),
+        resume_interrupted=resume,
+        overwrite=not resume,
+        **arguments,
     )
     elapsed = time.perf_counter() - start
     return elapsed
