@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from depthpipe.config import load_params
+from depthpipe.errors import ConfigError
+from depthpipe.profile import apply_profile
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    return tmp_path
+
+
+def test_profile__tutorial_then_demo_round_trips(project: Path) -> None:
+    original = (project / "params.yaml").read_text()
+    apply_profile(project / "params.yaml", project / "profiles" / "tutorial.yaml")
+    tutorial = load_params(project / "params.yaml")
+    assert tutorial.model.arch == "resnet50"
+    assert (tutorial.pretrain.epochs, tutorial.finetune.epochs) == (500, 50)
+    assert tutorial.finetune.trainer.accelerator == "gpu"
+    assert tutorial.finetune.trainer.devices == 4
+    text = (project / "params.yaml").read_text()
+    assert "# The pretraining preset this experiment studies" in text  # comments survive
+    apply_profile(project / "params.yaml", project / "profiles" / "demo.yaml")
+    restored = (project / "params.yaml").read_text()
+    assert yaml.safe_load(restored) == yaml.safe_load(original)
+    assert _comments(restored) == _comments(original)
+
+
+def _comments(text: str) -> list[str]:
+    return [line.split("#", 1)[1].strip() for line in text.splitlines() if "#" in line]
+
+
+def test_profile__demo_is_the_committed_params() -> None:
+    """Applying demo to the committed file changes nothing: the two agree."""
+    before = (REPO / "params.yaml").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "params.yaml"
+        copy.write_text(before)
+        apply_profile(copy, REPO / "profiles" / "demo.yaml")
+        assert copy.read_text() == before
+
+
+def test_profile__unknown_key_rejected(project: Path) -> None:
+    (project / "profiles" / "bad.yaml").write_text("finetune:\n  epoch: 3\n")
+    before = (project / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"profile key finetune\.epoch: not in params\.yaml"):
+        apply_profile(project / "params.yaml", project / "profiles" / "bad.yaml")
+    assert (project / "params.yaml").read_text() == before
