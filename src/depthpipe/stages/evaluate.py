@@ -11,9 +11,7 @@ dvclive/evaluate/plots/images/.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +22,15 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from depthpipe.atomic import atomic_outputs
-from depthpipe.config import Params, load_params
+from depthpipe.cli import open_project, stage_arguments
+from depthpipe.config import Params
 from depthpipe.data.diode import BadSample, SampleFiles
 from depthpipe.data.diode import read_sample as read_raw_sample
 from depthpipe.data.packed import PackedDepthDataset
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.metrics import METRIC_NAMES, average_metrics, depth_metrics
 from depthpipe.model import DepthNet, load_finetuned
-from depthpipe.paths import ProjectPaths, project_paths
+from depthpipe.paths import ProjectPaths
 from depthpipe.plots import comparison_chart, prediction_grid  # also selects the Agg backend
 
 MODELS = ("encoder", "scratch")
@@ -153,13 +152,10 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
-    args = parser.parse_args()
-    paths = project_paths(args.root)
-    os.environ.setdefault("MPLCONFIGDIR", str(paths.root / ".depthpipe" / "matplotlib"))
+    args = stage_arguments(__doc__)
+    params, paths = open_project(args.root)
     torch.set_grad_enabled(False)
-    report = run(load_params(paths.params), paths)
+    report = run(params, paths)
     print(json.dumps(report, indent=2))
 
 

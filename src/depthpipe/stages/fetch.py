@@ -6,14 +6,12 @@ the other sources with a "not available yet" error before anything is written.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from depthpipe.atomic import atomic_outputs
-from depthpipe.config import Params, load_params
+from depthpipe.cli import open_project, stage_arguments
+from depthpipe.config import Params
 from depthpipe.data import synthetic
 from depthpipe.errors import run_cli
-from depthpipe.paths import ProjectPaths, project_paths
+from depthpipe.paths import ProjectPaths
 
 # Scene ids of the synthetic DIODE val split start here, so no id is shared with train.
 VAL_SCENE_OFFSET = 500
@@ -55,11 +53,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
-    args = parser.parse_args()
-    paths = project_paths(args.root)
-    counts = run(load_params(paths.params), paths)
+    args = stage_arguments(__doc__)
+    params, paths = open_project(args.root)
+    counts = run(params, paths)
     print("fetch: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 

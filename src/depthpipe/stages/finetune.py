@@ -9,9 +9,7 @@ dvclive/finetune/<name>/.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from depthpipe.atomic import staged_outputs
-from depthpipe.config import Params, load_params
+from depthpipe.cli import open_project, stage_arguments
+from depthpipe.config import Params
 from depthpipe.data.packed import PackedDepthDataset
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
 from depthpipe.model import DepthModule, ModelSpec, build_unet
-from depthpipe.paths import ProjectPaths, project_paths
+from depthpipe.paths import ProjectPaths
 from depthpipe.transforms import DepthAugment
 
 MONITOR = "val/abs_rel"
@@ -180,13 +179,9 @@ def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("name", help="'scratch' or a key of pretrain.presets")
-    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
-    args = parser.parse_args()
-    paths = project_paths(args.root)
-    os.environ.setdefault("MPLCONFIGDIR", str(paths.root / ".depthpipe" / "matplotlib"))
-    summary = run(load_params(paths.params), paths, args.name)
+    args = stage_arguments(__doc__, "name", "'scratch' or a key of pretrain.presets")
+    params, paths = open_project(args.root)
+    summary = run(params, paths, args.name)
     if summary:
         print(f"finetune@{args.name}: {json.dumps(summary)}")
 

@@ -7,16 +7,16 @@ initial weights (fixed by ``seed``) like any other input.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from depthpipe.atomic import atomic_dir
-from depthpipe.config import Params, load_params
+from depthpipe.cli import open_project, stage_arguments
+from depthpipe.config import Params
 from depthpipe.encoders import build_resnet
 from depthpipe.errors import run_cli
-from depthpipe.paths import ProjectPaths, project_paths
+from depthpipe.paths import ProjectPaths
 
 SCRATCH = "scratch"
 
@@ -30,11 +30,9 @@ def run(params: Params, paths: ProjectPaths) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
-    args = parser.parse_args()
-    paths = project_paths(args.root)
-    out = run(load_params(paths.params), paths)
+    args = stage_arguments(__doc__)
+    params, paths = open_project(args.root)
+    out = run(params, paths)
     print(f"init_scratch: wrote {out.relative_to(paths.root)}")
 
 

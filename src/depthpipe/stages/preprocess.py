@@ -8,18 +8,18 @@ and written as JPEGs into one folder LightlyTrain reads.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
 from depthpipe.atomic import atomic_outputs
-from depthpipe.config import Params, load_params
+from depthpipe.cli import open_project, stage_arguments
+from depthpipe.config import Params
 from depthpipe.data import diode, megadepth
 from depthpipe.data.packed import PackedWriter
 from depthpipe.errors import DepthpipeError, run_cli
-from depthpipe.paths import ProjectPaths, project_paths
+from depthpipe.paths import ProjectPaths
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -140,11 +140,9 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
-    args = parser.parse_args()
-    paths = project_paths(args.root)
-    report = run(load_params(paths.params), paths)
+    args = stage_arguments(__doc__)
+    params, paths = open_project(args.root)
+    report = run(params, paths)
     counts = report["diode"]["counts"]
     print(
         f"preprocess: diode {counts}, megadepth {report['megadepth']['images']} images, "

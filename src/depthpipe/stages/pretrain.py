@@ -10,21 +10,20 @@ DVC's run cache stays on because nothing is ``persist: true``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from depthpipe.atomic import atomic_outputs
-from depthpipe.config import Params, load_params
+from depthpipe.cli import open_project, stage_arguments
+from depthpipe.config import Params
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
-from depthpipe.paths import ProjectPaths, project_paths
+from depthpipe.paths import ProjectPaths
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DONE_MARKER = "depthpipe-complete.json"
@@ -189,21 +188,10 @@ def run(params: Params, paths: ProjectPaths, preset: str) -> dict[str, Any]:
     return stats
 
 
-def configure_environment(paths: ProjectPaths) -> None:
-    """Telemetry off, LightlyTrain's cache inside the project (writable, never $HOME)."""
-    os.environ["LIGHTLY_TRAIN_EVENTS_DISABLED"] = "1"
-    os.environ.setdefault("LIGHTLY_TRAIN_CACHE_DIR", str(paths.root / ".depthpipe" / "cache"))
-    os.environ.setdefault("MPLCONFIGDIR", str(paths.root / ".depthpipe" / "matplotlib"))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("preset", help="a key of pretrain.presets in params.yaml")
-    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
-    args = parser.parse_args()
-    paths = project_paths(args.root)
-    configure_environment(paths)
-    stats = run(load_params(paths.params), paths, args.preset)
+    args = stage_arguments(__doc__, "preset", "a key of pretrain.presets in params.yaml")
+    params, paths = open_project(args.root)
+    stats = run(params, paths, args.preset)
     if is_global_zero():
         print(f"pretrain@{args.preset}: {json.dumps(stats)}")
 
