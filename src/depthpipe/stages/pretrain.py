@@ -160,9 +160,13 @@ def run(params: Params, paths: ProjectPaths, preset: str) -> dict[str, Any]:
     arguments = lightly_arguments(params, preset)
     key = run_key(arguments, images, paths.processed_megadepth)
     leader = is_global_zero()
-    workdir, resume = paths.pretrain_workdir(preset, key), False
     if leader:
         workdir, resume = prepare_workdir(paths, preset, key)
+    else:
+        # A DDP worker decides as the leader did (it only reads): every process must pass the
+        # same resume flag, or their epoch counters and weights would disagree.
+        workdir = paths.pretrain_workdir(preset, key)
+        resume = (workdir / "checkpoints" / "last.ckpt").is_file()
     seconds = 0.0
     start_epoch = checkpoint_epoch(workdir / "checkpoints" / "last.ckpt") if resume else 0
     if not (workdir / DONE_MARKER).is_file():
