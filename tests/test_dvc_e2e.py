@@ -107,6 +107,9 @@ def test_repro__runs_every_stage_then_nothing(reproduced: tuple[Path, str]) -> N
     dvc("plots", "show", "-o", str(html.with_suffix("")), cwd=root)
     page = (html.with_suffix("") / "index.html").read_text()
     assert "predictions.png" in page and "pretraining loss" in page
+    for name in ("scratch", "conservative"):  # the fine-tuning curves
+        for curve in ("train/loss", "val/loss", "val/abs_rel"):
+            assert f"dvclive/finetune/{name}/plots/metrics/{curve}.tsv" in page
 
 
 def _free_port() -> int:
