@@ -224,7 +224,7 @@ def test_share__s3_push_then_teammate_pulls_encoder_and_reproduces(
 
 
 def test_exp_run__other_aug_reruns_only_its_finetune_and_evaluate(
-    reproduced: tuple[Path, str], tmp_path: Path
+    reproduced: tuple[Path, str], s3_endpoint: str, tmp_path: Path
 ) -> None:
     root, _ = reproduced
     output = dvc("exp", "run", "-n", "try-aggressive", "-S", "aug=aggressive", cwd=root)
@@ -253,5 +253,12 @@ def test_exp_run__other_aug_reruns_only_its_finetune_and_evaluate(
     dvc("exp", "push", "origin", "try-aggressive", cwd=root)
     other = tmp_path / "other"
     sh("git", "clone", "-q", "-b", "main", str(origin), str(other), cwd=tmp_path)
+    # exp push also sent the experiment's outputs to the team remote; pulling them back needs
+    # the teammate's own (local-only) credentials.
+    _add_s3_remote(other, s3_endpoint)
     dvc("exp", "pull", "origin", "try-aggressive", cwd=other)
+    dvc("exp", "apply", "try-aggressive", cwd=other)
+    assert "aug: aggressive" in (other / "params.yaml").read_text()
+    # the experiment's model came through the S3 remote, not from a run
+    assert (other / "models" / "finetune" / "aggressive" / "model.pt").is_file()
     assert "try-aggressive" in dvc("exp", "list", cwd=other)
