@@ -26,9 +26,15 @@ from tests.conftest import REPO, write_params
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = (
-    "fetch", "preprocess", "pretrain@aggressive", "pretrain@conservative", "init_scratch",
-    "finetune@scratch", "finetune@conservative", "evaluate",
-)  # fmt: skip
+    "fetch",
+    "preprocess",
+    "pretrain@aggressive",
+    "pretrain@conservative",
+    "init_scratch",
+    "finetune@scratch",
+    "finetune@conservative",
+    "evaluate",
+)
 # Made per run, so the "no credential in a git-tracked file" check cannot match this file.
 ACCESS_KEY = f"depthpipe-{secrets.token_hex(6)}"
 SECRET_KEY = secrets.token_hex(20)
@@ -39,11 +45,15 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     # The stages' `python` must be this interpreter (the project's virtual environment).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    })  # fmt: skip
+    env.update(
+        {
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "test",
+            "GIT_AUTHOR_EMAIL": "test@example.com",
+            "GIT_COMMITTER_NAME": "test",
+            "GIT_COMMITTER_EMAIL": "test@example.com",
+        }
+    )
     return env
 
 
@@ -132,20 +142,31 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("seaweedfs")
     (folder / "data").mkdir()
     identities = {
-        "identities": [{
-            "name": "depthpipe",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]
-    }  # fmt: skip
+        "identities": [
+            {
+                "name": "depthpipe",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
     (folder / "identities.json").write_text(json.dumps(identities))
     ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
     command = [
-        weed, "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", "-filer",
-        f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
-        f"-s3.config={folder / 'identities.json'}", "-volume.max=5",
-    ]  # fmt: skip
+        weed,
+        "server",
+        f"-dir={folder / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        "-filer",
+        f"-filer.port={ports['filer']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.config={folder / 'identities.json'}",
+        "-volume.max=5",
+    ]
     log = (folder / "weed.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
@@ -165,9 +186,12 @@ def _create_bucket(endpoint: str, deadline: float) -> None:
     import botocore.session
 
     client = botocore.session.get_session().create_client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-    )  # fmt: skip
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name="us-east-1",
+    )
     while True:
         try:
             client.create_bucket(Bucket=BUCKET)
@@ -188,8 +212,11 @@ def _add_s3_remote(root: Path, endpoint: str) -> None:
 
 def _tracked_files_with_secret(root: Path) -> list[str]:
     tracked = sh("git", "ls-files", cwd=root).splitlines()
-    return [f for f in tracked if (root / f).is_file() and SECRET_KEY in (root / f).read_text(
-        errors="ignore")]  # fmt: skip
+    return [
+        f
+        for f in tracked
+        if (root / f).is_file() and SECRET_KEY in (root / f).read_text(errors="ignore")
+    ]
 
 
 def test_share__s3_push_then_teammate_pulls_encoder_and_reproduces(

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from depthpipe.paths import project_paths
-from tests.conftest import REPO
+from tests.conftest import REPO, write_params
 
 STAGE_MODULES = {
     "fetch": "depthpipe.stages.fetch",
@@ -103,3 +103,39 @@ def test_dvc_yaml__paths_match_paths_module() -> None:
         assert template in text
     assert paths.encoder_file("x").relative_to(REPO).as_posix() == "models/pretrain/x/encoder.pt"
     assert paths.finetune_live("x").relative_to(REPO).as_posix() == "dvclive/finetune/x"
+
+
+def test_dvc_yaml__third_preset_adds_a_stage_without_code(tmp_path: Path) -> None:
+    """`dvc stage list` on dvc.yaml as committed, with one more preset and another aug."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    write_params(
+        tmp_path,
+        {
+            "aug": "mild",
+            "pretrain": {"presets": {"mild": {"random_rotation": {"prob": 1.0, "degrees": 5}}}},
+        },
+    )
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    listing = subprocess.run(
+        [sys.executable, "-m", "dvc", "stage", "list", "--name-only"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert listing == [
+        "fetch",
+        "preprocess",
+        "pretrain@aggressive",
+        "pretrain@conservative",
+        "pretrain@mild",
+        "init_scratch",
+        "finetune@scratch",
+        "finetune@mild",
+        "evaluate",
+    ]
