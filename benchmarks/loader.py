@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core, as one DataLoader worker gets
     params = load_params(ROOT / "params.yaml")
-    augment = DepthAugment(params.finetune.augment)
+    augment = DepthAugment(params.finetune.augment, params.depth)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
         print(f"rendering {args.samples} DIODE-layout samples at 1024x768 ...", flush=True)

@@ -1,65 +1,13 @@
-"""Shared fixtures: a tiny project folder whose params.yaml is the committed one, shrunk."""
+"""Shared fixtures: writable caches for every test, tiny project folders (see tests/helpers.py)."""
 
 from __future__ import annotations
 
-import copy
 import os
-import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-
-# The committed demo params, shrunk so a stage runs in seconds on one CPU core. Tests take the
-# real file and override sizes, never write params from scratch: a renamed key breaks them.
-TINY: dict[str, Any] = {
-    "data": {
-        "synthetic": {
-            "width": 64,
-            "height": 48,
-            "train_scenes": 3,
-            "val_scenes": 1,
-            "scans_per_scene": 1,
-            "views_per_scan": 3,
-            "megadepth_scenes": 2,
-            "megadepth_images_per_scene": 4,
-            "megadepth_long_side": 80,
-        }
-    },
-    "preprocess": {"height": 48, "width": 64, "megadepth_short_side": 48, "val_fraction": 0.34},
-    "pretrain": {"epochs": 1, "batch_size": 4, "image_size": 32},
-    "finetune": {"epochs": 2, "batch_size": 4},
-    "evaluate": {"grid_images": 2, "batch_size": 4},
-}
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def committed_params() -> dict[str, Any]:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
-
-
-def write_params(root: Path, *overrides: dict[str, Any]) -> Path:
-    """params.yaml in ``root``: the committed file shrunk to TINY, then ``overrides``."""
-    params = deep_merge(committed_params(), TINY)
-    for override in overrides:
-        params = deep_merge(params, override)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+from tests.helpers import LOW_RES, save_untrained_model, write_params
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -75,20 +23,6 @@ def tiny_project(tmp_path: Path) -> Path:
     """An empty project folder with the tiny params."""
     write_params(tmp_path)
     return tmp_path
-
-
-def run_module(
-    module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 900
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -107,11 +41,21 @@ def fetched_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def copy_project(source: Path, target: Path) -> Path:
-    import shutil
+@pytest.fixture(scope="session")
+def scored_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny project at half resolution with two untrained (but real) networks saved."""
+    from depthpipe.config import load_params
+    from depthpipe.model import ModelSpec
+    from depthpipe.paths import project_paths
+    from depthpipe.stages import fetch, preprocess
 
-    shutil.copytree(source, target, dirs_exist_ok=True)
-    return target
-
-
-Helper = Callable[..., Any]
+    root = tmp_path_factory.mktemp("evaluate")
+    write_params(root, LOW_RES)
+    paths = project_paths(root)
+    params = load_params(paths.params)
+    fetch.run(params, paths)
+    preprocess.run(params, paths)
+    spec = ModelSpec("resnet18", 24, 32, params.depth.min_depth, params.depth.max_depth)
+    save_untrained_model(paths.finetune_dir("scratch"), spec, seed=1)
+    save_untrained_model(paths.finetune_dir(params.aug), spec, seed=2)
+    return root

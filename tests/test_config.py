@@ -3,10 +3,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from depthpipe.config import load_params, parse_params
 from depthpipe.errors import ConfigError
-from tests.conftest import REPO, committed_params, deep_merge, run_module, write_params
+from tests.helpers import REPO, committed_params, deep_merge, run_module, write_params
+
+
+def _preset(name: str) -> dict:
+    conservative = committed_params()["pretrain"]["presets"]["conservative"]
+    return {"pretrain": {"presets": {name: conservative}}}
 
 
 def _with(override: dict) -> dict:
@@ -21,8 +27,8 @@ def test_load_params__committed_file_is_valid() -> None:
     assert aggressive.random_rotation.degrees == 90
     assert aggressive.random_flip.vertical_prob == 0.5
     assert params.pretrain.presets["conservative"].random_flip.vertical_prob == 0.0
-    with pytest.raises(AttributeError):
-        params.seed = 3  # frozen
+    with pytest.raises(ValidationError, match="frozen"):
+        params.seed = 3  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -40,8 +46,20 @@ def test_load_params__committed_file_is_valid() -> None:
         ({"aug": "wild"}, "aug: 'wild' names no preset"),
         ({"pretrain": {"method": "distillation"}}, "downloads teacher weights"),
         ({"pretrain": {"method": "byol2"}}, "pretrain.method: 'byol2' is unknown"),
-        ({"data": {"source": "official"}}, "'official' is not available yet"),
-        ({"data": {"source": "local"}}, "'local' is not available yet"),
+        ({"pretrain": {"method": "distillation"}}, "pretrain.method: 'distillation' downloads"),
+        ({"data": {"source": "official"}}, "data.source: 'official' is not available yet"),
+        ({"data": {"source": "local"}}, "data.source: 'local' is not available yet"),
+        ({"data": {"source": "ftp"}}, "data.source: 'ftp' is not one of"),
+        ({"finetune": {"lr": float("nan")}}, "finetune.lr: expected a finite number"),
+        ({"finetune": {"epochs": "8"}}, "finetune.epochs: expected an integer, got '8'"),
+        ({"finetune": {"augment": {"scale_depth": 1}}}, "scale_depth: expected true or false"),
+        ({"finetune": {"schedule": "cosine"}}, "finetune.schedule: 'cosine' is not one of"),
+        ({"seed": -1}, "seed: -1 is below the minimum 0"),
+        (
+            {"preprocess": {"val_fraction": 0.01}},
+            "preprocess.val_fraction 0.01 of data.synthetic.train_scenes 8 holds out 0 scene",
+        ),
+        ({"finetune": {"trainer": {"devices": 0}}}, "finetune.trainer.devices: 0 is below"),
         ({"depth": {"min_depth": 10.0, "max_depth": 5.0}}, "depth.min_depth must be below"),
         (
             {"pretrain": {"presets": {"aggressive": {"random_rotation": {"degree": 5}}}}},
@@ -53,10 +71,10 @@ def test_load_params__committed_file_is_valid() -> None:
         ),
         (
             {"pretrain": {"presets": {"aggressive": {"random_flip": {"vertical_prob": 2}}}}},
-            "pretrain.presets.aggressive.random_flip.vertical_prob: 2.0 is above",
+            "pretrain.presets.aggressive.random_flip.vertical_prob: 2 is above the maximum 1.0",
         ),
-        ({"pretrain": {"presets": {"Bad Name": {}}}}, "pretrain.presets.Bad Name: a preset name"),
-        ({"pretrain": {"presets": {"scratch": {}}}}, "pretrain.presets.scratch: a preset name"),
+        (_preset("Bad Name"), "pretrain.presets: Bad Name: a preset name"),
+        (_preset("scratch"), "pretrain.presets: scratch: a preset name"),
         (
             {"finetune": {"augment": {"crop_scale_min": 0.9, "crop_scale_max": 0.5}}},
             "crop_scale_min must not exceed",
@@ -82,8 +100,25 @@ def test_load_params__not_yaml(tmp_path: Path) -> None:
         load_params(path)
 
 
+def test_parse_params__every_section_key_is_required() -> None:
+    """params.yaml is the only source of values: the schema has no defaults to fall back on."""
+    raw = committed_params()
+    del raw["finetune"]["lr"]
+    with pytest.raises(ConfigError, match=r"finetune\.lr: required key is missing"):
+        parse_params(raw)
+
+
+def test_parse_params__unknown_key_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"known here: .*random_flip, random_rotation"):
+        parse_params(_with({"pretrain": {"presets": {"aggressive": {"blur": {}}}}}))
+
+
 def test_third_preset_is_accepted() -> None:
-    raw = _with({"pretrain": {"presets": {"mild": {"random_rotation": {"degrees": 5}}}}})
+    mild = {
+        "random_rotation": {"prob": 1.0, "degrees": 5},
+        "random_flip": {"horizontal_prob": 0.5, "vertical_prob": 0.0},
+    }
+    raw = _with({"pretrain": {"presets": {"mild": mild}}})
     params = parse_params(raw)
     assert params.encoder_names() == ("scratch", "aggressive", "conservative", "mild")
     args = params.pretrain.presets["mild"].transform_args(64)

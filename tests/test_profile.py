@@ -10,7 +10,7 @@ import yaml
 from depthpipe.config import load_params
 from depthpipe.errors import ConfigError
 from depthpipe.profile import apply_profile
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture

@@ -2,12 +2,19 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from depthpipe.config import FinetuneAugment
-from depthpipe.losses import depth_loss
-from depthpipe.transforms import DepthAugment, affine_theta, warp
+from depthpipe.config import DepthConfig, FinetuneAugment, load_params
+from depthpipe.transforms import DepthAugment, affine_theta, scale_crop_depth, warp
+from tests.helpers import REPO
+
+PARAMS = load_params(REPO / "params.yaml")
+DEPTH = PARAMS.depth
+
+
+def _augment(**changes: object) -> FinetuneAugment:
+    """The committed augmentation params with ``changes``."""
+    return PARAMS.finetune.augment.model_copy(update=changes)
 
 
 def _sample(height: int = 30, width: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -20,7 +27,9 @@ def _sample(height: int = 30, width: int = 40, seed: int = 0) -> dict[str, torch
 
 
 def test_augment__never_invents_depth_values() -> None:
-    augment = DepthAugment(FinetuneAugment(), generator=torch.Generator().manual_seed(1))
+    augment = DepthAugment(
+        _augment(scale_depth=False), DEPTH, generator=torch.Generator().manual_seed(1)
+    )
     source = _sample()
     allowed = set(source["depth"][source["mask"]].tolist())
     for _ in range(30):
@@ -48,29 +57,50 @@ def test_warp__identity_and_flip_keep_aspect() -> None:
     assert torch.equal(flipped["depth"], sample["depth"].flip(-1))
 
 
-def test_masked_losses__ignore_invalid_pixels() -> None:
-    torch.manual_seed(0)
-    log_pred = torch.randn(2, 1, 8, 8)
-    depth = torch.rand(2, 1, 8, 8) * 20 + 1
-    valid = torch.rand(2, 1, 8, 8) > 0.5
-    garbage = depth.clone()
-    garbage[~valid] = torch.tensor([0.0, -3.0, float("nan"), 1e9]).repeat(64)[: int((~valid).sum())]
-    for name in ("silog", "l1_log"):
-        clean = depth_loss(name, log_pred, depth, valid)
-        dirty = depth_loss(name, log_pred, garbage, valid)
-        assert torch.isfinite(dirty) and torch.equal(clean, dirty), name
+def _plane(depth: float, height: int = 30, width: int = 40) -> dict[str, torch.Tensor]:
+    """A fronto-parallel surface at ``depth`` metres with a checkerboard texture."""
+    rows = torch.arange(height)[:, None] // 5
+    cols = torch.arange(width)[None, :] // 5
+    board = ((rows + cols) % 2).float().expand(3, height, width).clone()
+    return {
+        "image": board,
+        "depth": torch.full((1, height, width), depth),
+        "mask": torch.ones(1, height, width, dtype=torch.bool),
+    }
 
 
-def test_masked_losses__no_valid_pixel_gives_none_not_nan() -> None:
-    valid = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
-    assert depth_loss("silog", torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), valid) is None
-    # the tutorial's MSE has no mask: it trains invalid pixels towards 0 m
-    mse = depth_loss("mse", torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), valid)
-    assert mse is not None and float(mse) == 1.0  # exp(0) = 1 m against 0 m
+def test_augment__crop_depth_scales_with_magnification() -> None:
+    """A crop of a quarter of the area (side 0.5) is seen 2x magnified: a camera 2x closer."""
+    cfg = _augment(rotation_degrees=0.0, crop_scale_min=0.25, crop_scale_max=0.25, hflip_prob=0.0)
+    out = DepthAugment(cfg, DEPTH, generator=torch.Generator().manual_seed(0))(_plane(20.0))
+    assert out["mask"].all()
+    assert torch.allclose(out["depth"], torch.full_like(out["depth"], 10.0))
+    # the texture is magnified 2x: squares of 5 px become 10 px
+    row = out["image"][0, 15] > 0.5
+    changes = int((row[1:] != row[:-1]).sum())
+    assert 2 <= changes <= 4, changes  # 40 px: 3-4 edges of 10 px squares (7 of 5 px before)
+
+    tutorial = DepthAugment(
+        cfg.model_copy(update={"scale_depth": False}),
+        DEPTH,
+        generator=torch.Generator().manual_seed(0),
+    )(_plane(20.0))
+    assert torch.allclose(tutorial["depth"], torch.full_like(tutorial["depth"], 20.0))
 
 
-def test_silog__zero_for_perfect_prediction() -> None:
-    depth = torch.from_numpy(np.array([[[[1.0, 5.0], [20.0, 300.0]]]], dtype=np.float32))
-    valid = torch.ones_like(depth, dtype=torch.bool)
-    # sqrt is clamped at 1e-8 (a finite gradient at zero error): 10 * 1e-4 at most
-    assert float(depth_loss("silog", depth.log(), depth, valid)) <= 1e-3 + 1e-7
+def test_scale_crop_depth__out_of_range_becomes_invalid() -> None:
+    sample = _plane(1.0)
+    sample["depth"][0, :, :20] = 100.0
+    depth_range = DepthConfig(min_depth=0.6, max_depth=350.0)
+    out = scale_crop_depth(sample, 0.5, depth_range)
+    assert not out["mask"][0, :, 20:].any()  # 1 m -> 0.5 m, below min_depth
+    assert torch.all(out["depth"][0, :, 20:] == 0)
+    assert out["mask"][0, :, :20].all() and torch.all(out["depth"][0, :, :20] == 50.0)
+
+
+def test_augment__crop_leaving_no_valid_pixel_gives_empty_mask() -> None:
+    """Every pixel scaled below min_depth: the sample stays, with nothing valid to learn from."""
+    cfg = _augment(crop_scale_min=0.2, crop_scale_max=0.2)
+    out = DepthAugment(cfg, DEPTH, generator=torch.Generator().manual_seed(0))(_plane(0.7))
+    assert out["image"].shape == (3, 30, 40)
+    assert not out["mask"].any() and torch.all(out["depth"] == 0)

@@ -1,21 +1,21 @@
 """Typed, frozen view of params.yaml: one loader, every key checked before any work starts.
 
-Each section of params.yaml is a frozen dataclass below. Field metadata carries the allowed range
-(``lo``/``hi``, inclusive) or choices; ``load_params`` rejects unknown keys, wrong types and
-out-of-range values with a message naming the dotted key (``finetune.lr``).
+params.yaml is the only source of values: the schema below has bounds and choices but no
+defaults, so a key missing from the file is an error, never a silently different value. Each
+section is a pydantic model with ``extra="forbid"`` (a typo fails loudly) and strict types
+(``true`` is not a number, ``"8"`` is not an integer). ``load_params`` turns pydantic's errors
+into one line naming the dotted key and the allowed range (``finetune.lr: 20.0 is above the
+maximum 10.0``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from depthpipe.errors import ConfigError
 
@@ -25,192 +25,220 @@ PRESET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 RESERVED_PRESET_NAMES = frozenset({"scratch"})
 
 # The torchvision ResNets the U-Net and LightlyTrain both understand.
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+Architecture = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 # Methods of LightlyTrain 0.18 that need no download; "distillation" (its default) fetches a
 # DINOv3 teacher from the internet and so is refused.
 OFFLINE_METHODS = ("dino", "simclr")
 DOWNLOADING_METHODS = ("distillation", "distillationv1", "distillationv2", "dinov2")
 
+# Data sources designed but not built yet: refused with the same one-line error as a bad value.
+UNBUILT_SOURCES = ("official", "local")
 
-def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
-    return {"lo": lo, "hi": hi}
+
+def _between(lo: float, hi: float) -> Any:
+    """Inclusive bounds; the error message quotes them."""
+    return Field(ge=lo, le=hi)
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
+Probability = Annotated[float, _between(0.0, 1.0)]
+
+
+class Section(BaseModel):
+    """Every params section: frozen, unknown keys refused, no type coercion, no NaN or inf."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class SyntheticConfig(Section):
     """Size of the embedded procedural data set (fetch, source: synthetic)."""
 
-    width: int = field(default=256, metadata=_range(32, 4096))  # px, DIODE is 1024
-    height: int = field(default=192, metadata=_range(24, 3072))  # px, DIODE is 768
-    train_scenes: int = field(default=4, metadata=_range(2, 400))
-    val_scenes: int = field(default=1, metadata=_range(1, 400))
-    scans_per_scene: int = field(default=2, metadata=_range(1, 99))  # scan ids are scene*100+i
-    views_per_scan: int = field(default=4, metadata=_range(1, 216))  # 36 yaws x 6 tilts
-    megadepth_scenes: int = field(default=3, metadata=_range(1, 1000))
-    megadepth_images_per_scene: int = field(default=8, metadata=_range(1, 100000))
-    megadepth_long_side: int = field(default=320, metadata=_range(32, 4096))  # px, largest scene
+    width: Annotated[int, _between(32, 4096)]  # px, DIODE is 1024
+    height: Annotated[int, _between(24, 3072)]  # px, DIODE is 768
+    train_scenes: Annotated[int, _between(2, 400)]
+    val_scenes: Annotated[int, _between(1, 400)]
+    scans_per_scene: Annotated[int, _between(1, 99)]  # scan ids are scene*100+i
+    views_per_scan: Annotated[int, _between(1, 216)]  # 36 yaws x 6 tilts
+    megadepth_scenes: Annotated[int, _between(1, 1000)]
+    megadepth_images_per_scene: Annotated[int, _between(1, 100000)]
+    megadepth_long_side: Annotated[int, _between(32, 4096)]  # px, largest scene
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    source: Literal["synthetic", "local", "official"] = "synthetic"
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+class DataConfig(Section):
+    source: Literal["synthetic", "official", "local"]
+    synthetic: SyntheticConfig
 
-    def __post_init__(self) -> None:
-        if self.source != "synthetic":
-            raise ConfigError(
-                f"data.source: '{self.source}' is not available yet; only 'synthetic' is built"
-            )
+    @field_validator("source")
+    @classmethod
+    def _built(cls, source: str) -> str:
+        if source in UNBUILT_SOURCES:
+            raise ValueError(f"'{source}' is not available yet; only 'synthetic' is built")
+        return source
 
 
-@dataclass(frozen=True)
-class DepthConfig:
+class DepthConfig(Section):
     """Valid metric depth range (metres): outside it a pixel is invalid for training and scoring."""
 
-    min_depth: float = field(default=0.6, metadata=_range(1e-3, 1e4))
-    max_depth: float = field(default=350.0, metadata=_range(1e-2, 1e5))
+    min_depth: Annotated[float, _between(1e-3, 1e4)]
+    max_depth: Annotated[float, _between(1e-2, 1e5)]
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _ordered(self) -> DepthConfig:
         if self.min_depth >= self.max_depth:
-            raise ConfigError("depth.min_depth must be below depth.max_depth")
+            raise ValueError("depth.min_depth must be below depth.max_depth")
+        return self
 
 
-@dataclass(frozen=True)
-class PreprocessConfig:
-    val_fraction: float = field(default=0.25, metadata=_range(0.01, 0.9))
-    height: int = field(default=96, metadata=_range(16, 4096))  # px, training resolution
-    width: int = field(default=128, metadata=_range(16, 4096))  # px
-    megadepth_short_side: int = field(default=96, metadata=_range(16, 4096))  # px after resize
+class PreprocessConfig(Section):
+    val_fraction: Annotated[float, _between(0.01, 0.9)]  # of DIODE train scenes
+    height: Annotated[int, _between(16, 4096)]  # px, training resolution
+    width: Annotated[int, _between(16, 4096)]  # px
+    megadepth_short_side: Annotated[int, _between(16, 4096)]  # px after resize
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    arch: str = field(default="resnet18", metadata={"choices": ARCHITECTURES})
+class ModelConfig(Section):
+    arch: Architecture
 
 
-@dataclass(frozen=True)
-class RandomFlip:
-    horizontal_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
-    vertical_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
+class RandomFlip(Section):
+    horizontal_prob: Probability
+    vertical_prob: Probability
 
 
-@dataclass(frozen=True)
-class RandomRotation:
-    prob: float = field(default=1.0, metadata=_range(0.0, 1.0))
-    degrees: float = field(default=15.0, metadata=_range(0.0, 180.0))
+class RandomRotation(Section):
+    prob: Probability
+    degrees: Annotated[float, _between(0.0, 180.0)]
 
 
-@dataclass(frozen=True)
-class AugPreset:
+class AugPreset(Section):
     """One pretraining augmentation preset, passed to LightlyTrain as ``transform_args``."""
 
-    random_flip: RandomFlip = field(default_factory=RandomFlip)
-    random_rotation: RandomRotation = field(default_factory=RandomRotation)
+    random_flip: RandomFlip
+    random_rotation: RandomRotation
 
     def transform_args(self, image_size: int) -> dict[str, Any]:
         return {
             "image_size": (image_size, image_size),
-            "random_flip": dataclasses.asdict(self.random_flip),
-            "random_rotation": dataclasses.asdict(self.random_rotation),
+            "random_flip": self.random_flip.model_dump(),
+            "random_rotation": self.random_rotation.model_dump(),
         }
 
 
-@dataclass(frozen=True)
-class TrainerConfig:
+class TrainerConfig(Section):
     """Where and how Lightning runs; the same knobs for pretraining and fine-tuning."""
 
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: int = field(default=1, metadata=_range(1, 4096))  # per node
-    num_nodes: int = field(default=1, metadata=_range(1, 4096))
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"] = (
-        "auto"
-    )
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"]
+    devices: Annotated[int, _between(1, 4096)]  # per node
+    num_nodes: Annotated[int, _between(1, 4096)]
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"]
     # auto: bf16-mixed on a GPU that supports it, else 32-true.
-    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
-    num_workers: int = field(default=0, metadata=_range(0, 256))  # loader processes per device
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"]
+    num_workers: Annotated[int, _between(0, 256)]  # loader processes per device
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    method: str = "dino"
-    epochs: int = field(default=2, metadata=_range(1, 100000))
-    batch_size: int = field(default=16, metadata=_range(2, 1 << 20))  # global, all devices
-    image_size: int = field(default=64, metadata=_range(16, 2048))  # px, global crops
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    presets: dict[str, AugPreset] = field(default_factory=dict)
+class PretrainConfig(Section):
+    method: str
+    epochs: Annotated[int, _between(1, 100000)]
+    batch_size: Annotated[int, _between(2, 1 << 20)]  # global, all devices
+    image_size: Annotated[int, _between(16, 2048)]  # px, global crops
+    trainer: TrainerConfig
+    presets: dict[str, AugPreset]
 
-    def __post_init__(self) -> None:
-        if self.method in DOWNLOADING_METHODS:
-            raise ConfigError(
-                f"pretrain.method: '{self.method}' downloads teacher weights at run time; "
+    @field_validator("method")
+    @classmethod
+    def _offline(cls, method: str) -> str:
+        if method in DOWNLOADING_METHODS:
+            raise ValueError(
+                f"'{method}' downloads teacher weights at run time; "
                 f"use one of {', '.join(OFFLINE_METHODS)}"
             )
-        if self.method not in OFFLINE_METHODS:
-            raise ConfigError(
-                f"pretrain.method: '{self.method}' is unknown; "
-                f"use one of {', '.join(OFFLINE_METHODS)}"
-            )
-        if not self.presets:
-            raise ConfigError("pretrain.presets: at least one preset is needed")
-        for name in self.presets:
+        if method not in OFFLINE_METHODS:
+            raise ValueError(f"'{method}' is unknown; use one of {', '.join(OFFLINE_METHODS)}")
+        return method
+
+    @field_validator("presets")
+    @classmethod
+    def _preset_names(cls, presets: dict[str, AugPreset]) -> dict[str, AugPreset]:
+        if not presets:
+            raise ValueError("at least one preset is needed")
+        for name in presets:
             if not PRESET_NAME.match(name) or name in RESERVED_PRESET_NAMES:
-                raise ConfigError(
-                    f"pretrain.presets.{name}: a preset name must be lower-case letters, digits "
-                    "and '_', start with a letter, at most 40 characters, and not 'scratch'"
+                raise ValueError(
+                    f"{name}: a preset name must be lower-case letters, digits and '_', start "
+                    "with a letter, at most 40 characters, and not 'scratch'"
                 )
+        return presets
 
 
-@dataclass(frozen=True)
-class FinetuneAugment:
+class FinetuneAugment(Section):
     """Training-only augmentation, the same for every encoder: the tutorial's, depth-correct."""
 
-    rotation_degrees: float = field(default=15.0, metadata=_range(0.0, 45.0))
-    crop_scale_min: float = field(default=0.2, metadata=_range(0.01, 1.0))  # area fraction
-    crop_scale_max: float = field(default=0.9, metadata=_range(0.01, 1.0))
-    hflip_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    rotation_degrees: Annotated[float, _between(0.0, 45.0)]
+    crop_scale_min: Annotated[float, _between(0.01, 1.0)]  # crop area as a fraction
+    crop_scale_max: Annotated[float, _between(0.01, 1.0)]
+    # true: a crop magnified k times has its depth divided by k (the view from a camera k times
+    # closer); false: the tutorial's crop, which keeps the depth and so contradicts the image.
+    scale_depth: bool
+    hflip_prob: Probability
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _ordered(self) -> FinetuneAugment:
         if self.crop_scale_min > self.crop_scale_max:
-            raise ConfigError("finetune.augment.crop_scale_min must not exceed crop_scale_max")
+            raise ValueError("finetune.augment.crop_scale_min must not exceed crop_scale_max")
+        return self
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    epochs: int = field(default=3, metadata=_range(1, 100000))
-    batch_size: int = field(default=8, metadata=_range(1, 1 << 16))  # per device
-    loss: Literal["silog", "l1_log", "mse"] = "silog"
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = field(default=1e-3, metadata=_range(1e-8, 10.0))
-    weight_decay: float = field(default=1e-4, metadata=_range(0.0, 1.0))
-    augment: FinetuneAugment = field(default_factory=FinetuneAugment)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+class FinetuneConfig(Section):
+    epochs: Annotated[int, _between(1, 100000)]
+    batch_size: Annotated[int, _between(1, 1 << 16)]  # per device
+    loss: Literal["silog", "l1_log", "mse"]
+    optimizer: Literal["adamw", "adam", "sgd"]
+    lr: Annotated[float, _between(1e-8, 10.0)]  # peak learning rate under one_cycle
+    schedule: Literal["one_cycle", "constant"]
+    weight_decay: Annotated[float, _between(0.0, 1.0)]
+    augment: FinetuneAugment
+    trainer: TrainerConfig
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    grid_images: int = field(default=4, metadata=_range(1, 64))  # test images in the picture grid
-    batch_size: int = field(default=8, metadata=_range(1, 4096))
+class EvaluateConfig(Section):
+    grid_images: Annotated[int, _between(1, 64)]  # test images in the picture grid
+    batch_size: Annotated[int, _between(1, 4096)]  # test images per forward pass
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(Section):
     aug: str
-    seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
-    data: DataConfig = field(default_factory=DataConfig)
-    depth: DepthConfig = field(default_factory=DepthConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    seed: Annotated[int, _between(0, 2**31 - 1)]
+    data: DataConfig
+    depth: DepthConfig
+    preprocess: PreprocessConfig
+    model: ModelConfig
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _aug_is_a_preset(self) -> Params:
         if self.aug not in self.pretrain.presets:
-            raise ConfigError(
+            raise ValueError(
                 f"aug: '{self.aug}' names no preset in pretrain.presets "
                 f"(have: {', '.join(sorted(self.pretrain.presets))})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_split_possible(self) -> Params:
+        # preprocess holds out round(val_fraction * scenes) whole scenes; both sides need one.
+        if self.data.source != "synthetic":
+            return self
+        scenes = self.data.synthetic.train_scenes
+        held_out = round(self.preprocess.val_fraction * scenes)
+        if not 1 <= held_out <= scenes - 1:
+            raise ValueError(
+                f"preprocess.val_fraction {self.preprocess.val_fraction} of "
+                f"data.synthetic.train_scenes {scenes} holds out {held_out} scene(s): the "
+                "train and validation splits each need at least one scene"
+            )
+        return self
 
     def encoder_names(self) -> tuple[str, ...]:
         """Every name finetune accepts: the baseline and each pretraining preset."""
@@ -230,76 +258,60 @@ def load_params(path: Path | str = "params.yaml") -> Params:
 
 
 def parse_params(raw: Any) -> Params:
-    return _build(Params, raw, "")
-
-
-def _build(cls: type, raw: Any, key: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{key or 'params'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"{key}." if key else ""
-        raise ConfigError(
-            f"{where}{unknown[0]}: unknown key (known here: {', '.join(sorted(fields))})"
-        )
-    values = {}
-    for name, value in raw.items():
-        dotted = f"{key}.{name}" if key else name
-        values[name] = _convert(hints[name], value, dotted, fields[name].metadata)
-    missing = [n for n, f in fields.items() if n not in values and _has_no_default(f)]
-    if missing:
-        raise ConfigError(f"{key + '.' if key else ''}{missing[0]}: required key is missing")
-    return cls(**values)
+        raise ConfigError(f"params: expected a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe(error.errors()[0], raw)) from None
 
 
-def _has_no_default(f: dataclasses.Field[Any]) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+def describe(error: Any, raw: dict[str, Any]) -> str:
+    """One pydantic error as ``dotted.key: what is wrong`` in the words of params.yaml."""
+    key = ".".join(str(part) for part in error["loc"])
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key (known here: {_known_keys(error['loc'][:-1])})"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "value_error":
+        # Cross-field checks name their own keys; field checks get the key prefixed.
+        message = str(ctx.get("error", error["msg"]))
+        return message if not key or message.startswith(key) else f"{key}: {message}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"{key}: {value} is below the minimum {ctx.get('ge', ctx.get('gt'))}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"{key}: {value} is above the maximum {ctx.get('le', ctx.get('lt'))}"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not one of {ctx.get('expected', '')}"
+    if kind == "finite_number":
+        return f"{key}: expected a finite number, got {value!r}"
+    expected = _EXPECTED.get(kind)
+    if expected:
+        return f"{key}: expected {expected}, got {value!r}"
+    return f"{key or 'params'}: {error['msg']}"
 
 
-def _convert(hint: Any, value: Any, key: str, meta: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if origin is dict:
-        _, item_type = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return {str(k): _convert(item_type, v, f"{key}.{k}", {}) for k, v in value.items()}
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported union type for {key}")
-    return _scalar(hint, value, key, meta)
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
 
 
-def _scalar(hint: type, value: Any, key: str, meta: Any) -> Any:
-    # bool is an int in Python: refuse it where a number is meant, and numbers where a bool is.
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    elif hint is str and not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{key}: {value} is below the minimum {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}: {value} is above the maximum {hi}")
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
-    return value
+def _known_keys(loc: tuple[Any, ...]) -> str:
+    """The keys the schema allows at ``loc`` (a section, or a preset inside presets)."""
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:  # a preset name: the dict's value type
+            model = AugPreset
+            continue
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) else AugPreset
+    return ", ".join(sorted(model.model_fields)) if hasattr(model, "model_fields") else ""

@@ -1,4 +1,4 @@
-"""Standard monocular depth metrics for one image (definitions in ../shared/facts.md).
+"""Standard monocular depth metrics for one image (Eigen et al. 2014; silog as in BTS, x100).
 
 d = ground truth, p = prediction over valid pixels, g = ln p - ln d:
 abs_rel = mean(|p - d| / d), sq_rel = mean((p - d)^2 / d), rmse = sqrt(mean((p - d)^2)),

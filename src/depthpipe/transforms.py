@@ -8,7 +8,12 @@ the depth honest:
 - depth and mask are sampled nearest-neighbour, so every output depth is a value that exists in
   the source (bilinear would invent depths across object edges and blend in invalid zeros);
 - pixels that fall outside the source (the rotated-in corners) are marked invalid;
-- the crop keeps the output's aspect ratio, so the scene is never squashed.
+- the crop keeps the output's aspect ratio, so the scene is never squashed;
+- the crop's depth is scaled with its magnification (``scale_depth``): a crop of side fraction s
+  shown at full size magnifies the view 1/s times, which is what a camera 1/s times closer would
+  see, so its depth is multiplied by s. Without it (the tutorial) the same surface would appear
+  at several sizes with one depth label, and the network is taught two answers for one picture.
+  Pixels the scaling pushes outside [min_depth, max_depth] become invalid.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from depthpipe.config import FinetuneAugment
+from depthpipe.config import DepthConfig, FinetuneAugment
 from depthpipe.data.packed import Batch
 
 
@@ -50,7 +55,10 @@ def affine_theta(
 
 
 def warp(sample: Batch, theta: torch.Tensor) -> Batch:
-    """Apply one affine warp to image (bilinear) and depth/mask (nearest); outside = invalid."""
+    """Apply one affine warp to image (bilinear) and depth/mask (nearest); outside = invalid.
+
+    Depth values are copied, not scaled: see ``scale_crop_depth``.
+    """
     image, depth, mask = sample["image"], sample["depth"], sample["mask"]
     _, height, width = image.shape
     grid = F.affine_grid(theta[None], [1, 1, height, width], align_corners=False)
@@ -67,6 +75,17 @@ def warp(sample: Batch, theta: torch.Tensor) -> Batch:
     return {"image": out_image, "depth": out_depth, "mask": out_mask}
 
 
+def scale_crop_depth(sample: Batch, side_fraction: float, depth_range: DepthConfig) -> Batch:
+    """Depth of a crop of ``side_fraction`` of the image side, magnified to full size.
+
+    Multiplied by the side fraction (magnification 1/s = a camera 1/s times closer); pixels that
+    leave the valid range become invalid (depth 0, mask False).
+    """
+    depth = sample["depth"] * side_fraction
+    mask = sample["mask"] & (depth >= depth_range.min_depth) & (depth <= depth_range.max_depth)
+    return {**sample, "depth": torch.where(mask, depth, torch.zeros_like(depth)), "mask": mask}
+
+
 class DepthAugment:
     """Random rotation + aspect-preserving random resized crop + horizontal flip, per sample.
 
@@ -74,8 +93,14 @@ class DepthAugment:
     in DataLoader workers the global torch RNG is seeded per worker by Lightning.
     """
 
-    def __init__(self, cfg: FinetuneAugment, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        cfg: FinetuneAugment,
+        depth_range: DepthConfig,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.depth_range = depth_range
         self.generator = generator
 
     def _uniform(self, lo: float, hi: float) -> float:
@@ -89,4 +114,7 @@ class DepthAugment:
         slack_x, slack_y = (1 - scale) * width / 2, (1 - scale) * height / 2
         centre = (self._uniform(-slack_x, slack_x), self._uniform(-slack_y, slack_y))
         flip = self._uniform(0.0, 1.0) < self.cfg.hflip_prob
-        return warp(sample, affine_theta(height, width, angle, scale, centre, flip))
+        warped = warp(sample, affine_theta(height, width, angle, scale, centre, flip))
+        if self.cfg.scale_depth:
+            return scale_crop_depth(warped, scale, self.depth_range)
+        return warped

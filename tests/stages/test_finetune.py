@@ -14,7 +14,7 @@ from depthpipe.errors import DepthpipeError
 from depthpipe.model import load_finetuned
 from depthpipe.paths import project_paths
 from depthpipe.stages import finetune, init_scratch
-from tests.conftest import copy_project, run_module, write_params
+from tests.helpers import copy_project, run_module, write_params
 
 
 @pytest.fixture(scope="module")

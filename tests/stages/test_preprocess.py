@@ -15,7 +15,7 @@ from depthpipe.data.packed import PackedDepthDataset, resize_sample
 from depthpipe.errors import DepthpipeError
 from depthpipe.paths import project_paths
 from depthpipe.stages import fetch, preprocess
-from tests.conftest import copy_project, run_module
+from tests.helpers import copy_project, run_module
 
 
 def test_preprocess__splits_by_scene_disjoint_and_deterministic(fetched_project: Path) -> None:

@@ -14,7 +14,7 @@ from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError
 from depthpipe.paths import project_paths
 from depthpipe.stages import pretrain
-from tests.conftest import copy_project, run_module, write_params
+from tests.helpers import copy_project, run_module, write_params
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image
 
 DOMAIN = "outdoor"  # the tutorial fine-tunes on outdoor scenes only (note: "indoors" has an s)
-SPLITS = ("train", "val")
 
 
 class BadSample(Exception):
@@ -46,7 +45,9 @@ def sample_stem(scene_id: int, scan_id: int, a: int, b: int) -> str:
     return f"{scene_id:05d}_{scan_id:05d}_{DOMAIN}_{a:03d}_{b:03d}"
 
 
-def sample_files(root: Path, split: str, scene_id: int, scan_id: int, a: int, b: int) -> SampleFiles:
+def sample_files(
+    root: Path, split: str, scene_id: int, scan_id: int, a: int, b: int
+) -> SampleFiles:
     scene, scan = f"scene_{scene_id:05d}", f"scan_{scan_id:05d}"
     return SampleFiles(
         split=split,

@@ -69,14 +69,18 @@ class PackedWriter:
         dtypes = {"images": np.uint8, "depth": np.float32, "mask": np.bool_}
         self._arrays = {
             name: np.lib.format.open_memmap(
-                self.folder / f"{name}.npy", mode="w+", dtype=dtypes[name],
+                self.folder / f"{name}.npy",
+                mode="w+",
+                dtype=dtypes[name],
                 shape=(self.capacity, *shapes[name]),
             )
             for name in ARRAYS
         }
         self._entries: list[dict[str, str]] = []
 
-    def add(self, image: np.ndarray, depth: np.ndarray, mask: np.ndarray, entry: dict[str, str]) -> None:
+    def add(
+        self, image: np.ndarray, depth: np.ndarray, mask: np.ndarray, entry: dict[str, str]
+    ) -> None:
         i = len(self._entries)
         image, depth, mask = resize_sample(image, depth, mask, self.size)
         self._arrays["images"][i] = image

@@ -21,7 +21,7 @@ from PIL import Image
 
 from depthpipe.data import diode
 
-# DIODE's camera at 1024x768 (facts.md): 60 x 45 degree field of view.
+# DIODE's camera at 1024x768 (DIODE devkit / Vasiljevic et al. 2019): 60 x 45 degree field of view.
 DIODE_FX, DIODE_FY, DIODE_WIDTH, DIODE_HEIGHT = 886.81, 927.06, 1024, 768
 SCANNER_RANGE = 350.0  # metres: beyond it the FARO scanner gets no return (mask 0)
 HAZE_PER_METRE = 1.0 / 250.0  # extinction coefficient: half the contrast is gone at ~170 m
@@ -29,8 +29,8 @@ SKY_HORIZON = np.array([0.78, 0.84, 0.90])
 SKY_ZENITH = np.array([0.30, 0.48, 0.80])
 HAZE_COLOUR = np.array([0.80, 0.83, 0.87])
 
-GROUND, BOX, POLE = 0, 1, 2
-VIEW_ANGLES = 36 * 6  # 36 yaws (10 degree steps) x 6 tilt indices per scan  # surface kinds, for texturing
+GROUND, BOX, POLE = 0, 1, 2  # surface kinds, for texturing
+VIEW_ANGLES = 36 * 6  # 36 yaws (10 degree steps) x 6 tilt indices per scan
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,13 @@ def view_camera(
 
 
 def write_diode_split(
-    root: Path, split: str, scene_ids: range, scans: int, views: int, size: tuple[int, int], seed: int
+    root: Path,
+    split: str,
+    scene_ids: range,
+    scans: int,
+    views: int,
+    size: tuple[int, int],
+    seed: int,
 ) -> int:
     """Render ``scans`` x ``views`` samples per scene into DIODE's layout; return the count."""
     width, height = size
@@ -393,9 +399,7 @@ def megadepth_image_name(seed: int, scene_id: int, index: int) -> str:
     return f"{photo}_{secret}_o.jpg"
 
 
-def write_megadepth(
-    root: Path, scenes: int, per_scene: int, long_side: int, seed: int
-) -> int:
+def write_megadepth(root: Path, scenes: int, per_scene: int, long_side: int, seed: int) -> int:
     """Render MegaDepth_v1/<scene>/dense0/imgs/*.jpg; image size varies by scene."""
     count = 0
     for scene_index in range(scenes):

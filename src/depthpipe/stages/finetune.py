@@ -75,7 +75,9 @@ def check_name(params: Params, name: str) -> None:
 
 def loaders(params: Params, paths: ProjectPaths) -> tuple[DataLoader, DataLoader]:
     cfg = params.finetune
-    train = PackedDepthDataset(paths.processed_diode / "train", transform=DepthAugment(cfg.augment))
+    train = PackedDepthDataset(
+        paths.processed_diode / "train", transform=DepthAugment(cfg.augment, params.depth)
+    )
     val = PackedDepthDataset(paths.processed_diode / "validation")
     workers = cfg.trainer.num_workers
     common: dict[str, Any] = {

@@ -21,8 +21,6 @@ from depthpipe.data.packed import PackedWriter
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.paths import ProjectPaths
 
-SPLIT_NAMES = ("train", "validation", "test")
-
 
 def split_scenes(scenes: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministically pick whole scenes for validation; at least one scene on each side."""

@@ -1,0 +1,99 @@
+"""Test helpers shared by every test module: the committed params shrunk, and subprocess runs.
+
+Fixtures live in conftest.py; plain functions live here so tests import them explicitly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from depthpipe.encoders import build_resnet
+from depthpipe.model import DepthNet, ModelSpec, build_unet
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The committed demo params, shrunk so a stage runs in seconds on one CPU core. Tests take the
+# real file and override sizes, never write params from scratch: a renamed key breaks them.
+TINY: dict[str, Any] = {
+    "data": {
+        "synthetic": {
+            "width": 64,
+            "height": 48,
+            "train_scenes": 3,
+            "val_scenes": 1,
+            "scans_per_scene": 1,
+            "views_per_scan": 3,
+            "megadepth_scenes": 2,
+            "megadepth_images_per_scene": 4,
+            "megadepth_long_side": 80,
+        }
+    },
+    "preprocess": {"height": 48, "width": 64, "megadepth_short_side": 48, "val_fraction": 0.34},
+    "pretrain": {"epochs": 1, "batch_size": 4, "image_size": 32},
+    "finetune": {"epochs": 2, "batch_size": 4},
+    "evaluate": {"grid_images": 2, "batch_size": 4},
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def committed_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write_params(root: Path, *overrides: dict[str, Any]) -> Path:
+    """params.yaml in ``root``: the committed file shrunk to TINY, then ``overrides``."""
+    params = deep_merge(committed_params(), TINY)
+    for override in overrides:
+        params = deep_merge(params, override)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_module(
+    module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
+
+
+LOW_RES = {"preprocess": {"height": 24, "width": 32}}  # model input at half the raw 48x64
+
+
+def save_untrained_model(folder: Path, spec: ModelSpec, seed: int) -> None:
+    """A real network folder (model.pt + model.json) as finetune writes it, without training."""
+    torch.manual_seed(seed)
+    net = DepthNet(build_unet(build_resnet(spec.arch), spec))
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    spec.save(folder / "model.json")
