@@ -1,4 +1,4 @@
-"""The fastai DynamicUnet on a torchvision ResNet encoder, and its LightningModule.
+"""The fastai DynamicUnet on a torchvision ResNet encoder, its LightningModule, and inference.
 
 The network predicts log depth: ``y_range`` bounds its output to [ln min_depth, ln max_depth]
 through a sigmoid, so ``exp`` of it is always a positive depth in metres inside the valid range.
@@ -8,19 +8,25 @@ and a 100 m error at 200 m alike, as the depth metrics do.
 Lightning comes from the ``lightning`` package (``lightning.pytorch``): the same PyTorch Lightning
 release as ``pytorch_lightning``, in the namespace DVCLive's logger and LightlyTrain use, so one
 Trainer accepts both.
+
+``predict_depth`` is the one inference path from full-resolution photos to metres: the evaluate
+stage scores it and ``depthpipe.predict`` runs it on users' photos.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from fastai.vision.models.unet import DynamicUnet
+from PIL import Image
 from torch import nn
 
 from depthpipe.encoders import build_resnet
@@ -31,6 +37,7 @@ from depthpipe.metrics import depth_metrics
 # LightlyTrain normalises pretraining images with ImageNet statistics; fine-tuning must match.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+ONE_CYCLE_WARMUP = 0.25  # fraction of the steps spent raising the learning rate
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class DepthModule(pl.LightningModule):
         loss: str,
         optimizer: str,
         lr: float,
+        schedule: str,
         weight_decay: float,
         min_depth: float,
         max_depth: float,
@@ -119,31 +127,32 @@ class DepthModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         log_pred, loss = self._loss(batch)
-        skipped = loss is None
-        if skipped:
-            # No valid pixel in the batch: a zero loss still connected to every parameter, so
-            # DDP's gradient all-reduce sees the same graph on every process and nothing hangs.
-            loss = log_pred.sum() * 0.0
         size = batch["image"].shape[0]
+        # Samples an augmentation left without a valid pixel still go through the network (with
+        # zero weight in a masked loss); count them so a bad crop setting shows in the metrics.
+        empty = (~self.valid_pixels(batch).flatten(1).any(dim=1)).sum()
         self.log(
-            "train/skipped_batches",
-            float(skipped),
+            "train/empty_samples",
+            empty.float(),
             on_step=False,
             on_epoch=True,
             reduce_fx="sum",
             sync_dist=True,
             batch_size=size,
         )
-        if not skipped:
-            self.log(
-                "train/loss",
-                loss,
-                on_step=False,
-                on_epoch=True,
-                sync_dist=True,
-                batch_size=size,
-                prog_bar=True,
-            )
+        if loss is None:
+            # No valid pixel in the batch: a zero loss still connected to every parameter, so
+            # DDP's gradient all-reduce sees the same graph on every process and nothing hangs.
+            return log_pred.sum() * 0.0
+        self.log(
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=size,
+            prog_bar=True,
+        )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -169,14 +178,34 @@ class DepthModule(pl.LightningModule):
             value = sum(s[name] for s in scores) / n
             self.log(f"val/{name}", value, on_epoch=True, sync_dist=True, batch_size=n)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = self.parameters()
-        if hp.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.optimizer == "adam":
-            return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        return torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        optimizer = make_optimizer(hp.optimizer, self.parameters(), hp.lr, hp.weight_decay)
+        if hp.schedule == "constant":
+            return optimizer
+        # fastai's fit_one_cycle: a quarter of the steps warming up from lr/25, then cosine
+        # annealing to almost zero. Stepped per batch, over the run's real number of steps.
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=hp.lr,
+            total_steps=max(1, int(self.trainer.estimated_stepping_batches)),
+            pct_start=ONE_CYCLE_WARMUP,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def make_optimizer(
+    name: str, params: Iterator[nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """adamw (decoupled weight decay), adam or sgd with momentum 0.9 (L2 weight decay)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
 def load_finetuned(model_path: Path) -> tuple[DepthNet, ModelSpec]:
@@ -193,3 +222,135 @@ def load_finetuned(model_path: Path) -> tuple[DepthNet, ModelSpec]:
     except (RuntimeError, OSError, ValueError) as error:
         raise DepthpipeError(f"{weights}: cannot load into a {spec.arch} U-Net: {error}") from error
     return net.eval(), spec
+
+
+def save_finetuned(net: DepthNet, spec: ModelSpec, folder: Path) -> None:
+    """Write a model folder ``load_finetuned`` reads: plain weights (model.pt) + model.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    spec.save(folder / "model.json")
+
+
+# Inference: the one path from full-resolution photos to depth in metres, shared by evaluate (which
+# reports the metrics) and predict (what users run), so the reported numbers describe the outputs.
+
+INPUT_MULTIPLE = 8  # px: network input sides off the training aspect ratio are rounded to this
+MIN_INPUT_SIDE = 32  # px, smallest network input side: the ResNet body downsamples 32x
+
+
+def network_size(height: int, width: int, spec: ModelSpec) -> tuple[int, int]:
+    """Network input (h, w) for a (height, width) image.
+
+    At the training aspect ratio (DIODE's 4:3 test images) it is exactly the training size, the
+    input the network was fitted to. Otherwise the training pixel count at the image's own aspect
+    ratio (never squashed: a squashed scene has other depth cues), sides rounded to multiples of 8.
+    """
+    if height * spec.width == width * spec.height:
+        return spec.height, spec.width
+    scale = math.sqrt(spec.height * spec.width / (height * width))
+    return (
+        max(MIN_INPUT_SIDE, round(height * scale / INPUT_MULTIPLE) * INPUT_MULTIPLE),
+        max(MIN_INPUT_SIDE, round(width * scale / INPUT_MULTIPLE) * INPUT_MULTIPLE),
+    )
+
+
+def resize_photo(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``photo`` at (h, w), resized on its 8-bit pixels (no full-resolution float copy).
+
+    Shrinking averages areas (BOX), the filter preprocess used for the training images, so a test
+    image reaches the network exactly as the packed test split holds it. Enlarging (photos smaller
+    than the network input) is bilinear, where BOX would give nearest-neighbour blocks.
+    """
+    height, width = size
+    shrinking = height <= photo.height and width <= photo.width
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return photo.resize((width, height), resample)
+
+
+def network_input(photos: Sequence[Image.Image], spec: ModelSpec) -> torch.Tensor:
+    """(B, 3, h, w) float32 RGB in [0, 1] at ``network_size``; the photos share one size."""
+    sizes = {photo.size for photo in photos}
+    modes = {photo.mode for photo in photos}
+    if len(sizes) != 1 or modes != {"RGB"}:
+        raise ValueError(f"a batch needs RGB photos of one size, got {sizes} in modes {modes}")
+    width, height = sizes.pop()
+    size = network_size(height, width, spec)
+    pixels = np.stack([np.asarray(resize_photo(photo, size)) for photo in photos])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per target pixel along one axis: its two source pixels and the second one's weight.
+
+    Pixel centres aligned and edges clamped, as torch's ``interpolate(..., align_corners=False)``.
+    Written out so any band of output rows can be made alone, bit-identical to the whole image.
+    """
+    position = np.maximum((np.arange(target) + 0.5) * (source / target) - 0.5, 0.0)
+    first = np.minimum(position.astype(np.int64), source - 1)
+    second = np.minimum(first + 1, source - 1)
+    return first, second, (position - first).astype(np.float32)
+
+
+def _lerp(low: np.ndarray, high: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Element-wise, so a value never depends on which other rows are computed with it."""
+    return low + (high - low) * weight
+
+
+@dataclass(frozen=True)
+class DepthPrediction:
+    """One image's prediction: log depth at network resolution and the full size it stands for.
+
+    Full-resolution metres are made on demand, whole or as horizontal strips, by the same
+    arithmetic either way: a 108 MP photo never needs its whole depth map in memory at once.
+    """
+
+    log_depth: np.ndarray  # (h, w) float32, network resolution
+    height: int  # px, full resolution
+    width: int
+    min_depth: float  # metres
+    max_depth: float
+
+    def rows(self, top: int, bottom: int) -> np.ndarray:
+        """(bottom - top, width) float32 metres: log depth upsampled bilinearly, exp, clamped."""
+        low_res = self.log_depth
+        row_a, row_b, row_w = (t[top:bottom] for t in bilinear_taps(len(low_res), self.height))
+        col_a, col_b, col_w = bilinear_taps(low_res.shape[1], self.width)
+        first, last = int(row_a[0]), int(row_b[-1])  # the source rows this band reads
+        band = low_res[first : last + 1]
+        wide = _lerp(band[:, col_a], band[:, col_b], col_w)  # (last - first + 1, width)
+        log_depth = _lerp(wide[row_a - first], wide[row_b - first], row_w[:, None])
+        return np.clip(np.exp(log_depth), self.min_depth, self.max_depth, dtype=np.float32)
+
+    def full(self) -> np.ndarray:
+        """(height, width) float32 metres."""
+        return self.rows(0, self.height)
+
+    def strips(self, max_pixels: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(top row, strip) pairs covering the image, each at most ``max_pixels`` (whole rows)."""
+        step = max(1, max_pixels // self.width)
+        for top in range(0, self.height, step):
+            yield top, self.rows(top, min(top + step, self.height))
+
+    def coarse(self) -> np.ndarray:
+        """(h, w) float32 metres at network resolution: the range of the full-resolution map,
+        since bilinear upsampling only interpolates between these values."""
+        return np.clip(np.exp(self.log_depth), self.min_depth, self.max_depth)
+
+
+def predict_depth(
+    net: DepthNet, spec: ModelSpec, photos: Sequence[Image.Image]
+) -> list[DepthPrediction]:
+    """Depth for a batch of full-resolution RGB photos of one size, one forward pass.
+
+    The only inference path: evaluate scores it on the raw test images and predict writes it for
+    users' photos. Input resized on 8-bit pixels to ``network_size``; log depth upsampled
+    bilinearly to the photo's size, exp, clamped to [min_depth, max_depth], float32 throughout.
+    """
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        log_depth = net(network_input(photos, spec).to(device))[:, 0].float().cpu().numpy()
+    width, height = photos[0].size
+    return [
+        DepthPrediction(np.ascontiguousarray(one), height, width, spec.min_depth, spec.max_depth)
+        for one in log_depth
+    ]

@@ -136,6 +136,10 @@ class PackedDepthDataset(Dataset[Batch]):
             }
         return self._arrays
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The split's memory-mapped arrays: ``images`` (N, H, W, 3), ``depth`` and ``mask``."""
+        return self._open()
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_arrays"] = None

@@ -1,8 +1,14 @@
 """evaluate: score finetune@<aug> and finetune@scratch on the test split (DIODE val).
 
-Each prediction is made at the training resolution, then upsampled to the ground truth's own
-resolution (the ground truth is never resized); valid pixels are the mask file AND depth within
-[min_depth, max_depth]; metrics are computed per image and averaged over images (DIODE devkit).
+Predictions come from the raw test PNGs through ``depthpipe.model.predict_depth``, the function
+``python -m depthpipe.predict`` runs on users' photos, so the reported metrics describe what users
+get: a 4:3 test image reaches the network at the training resolution (resized as preprocess
+resized the training images) and its log depth is upsampled to the ground truth's own resolution
+(the ground truth is never resized). ``evaluate.batch_size`` test images go through the network
+per forward pass (images of different sizes in different batches). Valid pixels are the mask file
+AND depth within [min_depth, max_depth]; metrics are computed per image and averaged over images
+(DIODE devkit). Images are scored as their batch comes out and dropped, except those shown in
+the picture grid, so memory holds one batch, not the split.
 
 metrics/evaluate.json has keys that do not depend on ``aug`` (``encoder.*``, ``scratch.*``,
 ``improvement.*``), so ``dvc exp show`` lines experiments up column by column. Pictures go to
@@ -11,29 +17,36 @@ dvclive/evaluate/plots/images/.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
+from PIL import Image
 
 from depthpipe.atomic import atomic_outputs
 from depthpipe.cli import open_project, stage_arguments
-from depthpipe.config import Params
-from depthpipe.data.diode import BadSample, SampleFiles
+from depthpipe.config import DepthConfig, Params
+from depthpipe.data.diode import BadSample, Sample, SampleFiles
 from depthpipe.data.diode import read_sample as read_raw_sample
-from depthpipe.data.packed import PackedDepthDataset
+from depthpipe.data.packed import read_index
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.metrics import METRIC_NAMES, average_metrics, depth_metrics
-from depthpipe.model import DepthNet, load_finetuned
+from depthpipe.model import DepthNet, ModelSpec, load_finetuned, predict_depth
 from depthpipe.paths import ProjectPaths
 from depthpipe.plots import comparison_chart, prediction_grid  # also selects the Agg backend
 
 MODELS = ("encoder", "scratch")
+
+Model = tuple[DepthNet, ModelSpec]
+TestFile = tuple[str, SampleFiles]  # (sample name, its raw DIODE files)
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,16 +56,6 @@ class TestImage:
     depth: np.ndarray  # (H, W) float32 metres
     valid: np.ndarray  # (H, W) bool
     predictions: dict[str, np.ndarray]  # model -> (H, W) metres
-
-
-def predict_full_resolution(
-    net: DepthNet, model_input: torch.Tensor, size: tuple[int, int], max_depth: float
-) -> np.ndarray:
-    """Predict at the training resolution, upsample the log depth to ``size`` (H, W)."""
-    with torch.no_grad():
-        log_depth = net(model_input[None])  # (1, 1, h, w)
-        log_depth = F.interpolate(log_depth, size=size, mode="bilinear", align_corners=False)
-    return log_depth[0, 0].exp().clamp(max=max_depth).numpy()
 
 
 def raw_files(raw_root: Path, entry: dict[str, str]) -> SampleFiles:
@@ -66,45 +69,99 @@ def raw_files(raw_root: Path, entry: dict[str, str]) -> SampleFiles:
     )
 
 
-def collect(params: Params, paths: ProjectPaths, nets: dict[str, DepthNet]) -> list[TestImage]:
-    test = PackedDepthDataset(paths.processed_diode / "test")
+def split_files(paths: ProjectPaths) -> list[TestFile]:
+    """The test split as preprocess validated it (its index), pointing at the raw files."""
+    index = read_index(paths.processed_diode / "test")
+    return [(entry["name"], raw_files(paths.raw_diode, entry)) for entry in index["samples"]]
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(height, width) read from the image file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DepthpipeError(f"{path}: unreadable test image: {error}") from error
+
+
+def size_batches(
+    items: Iterable[T], batch_size: int, size_of: Callable[[T], tuple[int, int]]
+) -> Iterator[list[T]]:
+    """Batches of at most ``batch_size`` items of one size (a forward pass needs one size).
+
+    Sorted by size, stably: a split of one size (DIODE's) keeps its order.
+    """
+    keyed = sorted(((size_of(item), item) for item in items), key=lambda pair: pair[0])
+    for _, group in itertools.groupby(keyed, key=lambda pair: pair[0]):
+        same_size = [item for _, item in group]
+        for start in range(0, len(same_size), batch_size):
+            yield same_size[start : start + batch_size]
+
+
+def read_test_sample(files: SampleFiles) -> Sample:
+    try:
+        return read_raw_sample(files)
+    except BadSample as error:
+        raise DepthpipeError(f"{files.image}: {error}") from error
+
+
+def valid_pixels(sample: Sample, depth: DepthConfig) -> np.ndarray:
+    """Scored pixels: a sensor return (mask file) with depth inside the valid range."""
+    return sample.mask & (sample.depth >= depth.min_depth) & (sample.depth <= depth.max_depth)
+
+
+def predict_batch(
+    batch: list[TestFile], nets: dict[str, Model], depth: DepthConfig
+) -> Iterator[TestImage]:
+    """One forward pass per model for the batch; full-resolution depth made image by image."""
+    samples = [read_test_sample(files) for _, files in batch]
+    photos = [Image.fromarray(sample.image) for sample in samples]
+    predictions = {model: predict_depth(net, spec, photos) for model, (net, spec) in nets.items()}
+    for i, ((name, _), sample) in enumerate(zip(batch, samples, strict=True)):
+        yield TestImage(
+            name=name,
+            image=sample.image,
+            depth=sample.depth,
+            valid=valid_pixels(sample, depth),
+            predictions={model: predictions[model][i].full() for model in nets},
+        )
+
+
+def predict_test_images(
+    paths: ProjectPaths, nets: dict[str, Model], *, batch_size: int, depth: DepthConfig
+) -> Iterator[TestImage]:
+    """Every test image with each model's prediction, ``batch_size`` images per forward pass."""
+    batches = size_batches(split_files(paths), batch_size, lambda item: header_size(item[1].image))
+    for batch in batches:
+        yield from predict_batch(batch, nets, depth)
+
+
+def keep_first(images: Iterable[T], kept: list[T], count: int) -> Iterator[T]:
+    """Pass ``images`` through, appending the first ``count`` to ``kept`` (for the grid)."""
+    for image in images:
+        if len(kept) < count:
+            kept.append(image)
+        yield image
+
+
+def score(images: Iterable[TestImage], params: Params) -> tuple[dict[str, dict[str, float]], int]:
+    """Average metrics per model over the images that have at least one valid pixel.
+
+    Consumes ``images`` one at a time: each is scored, then free to go.
+    """
     lo, hi = params.depth.min_depth, params.depth.max_depth
-    images = []
-    for i, entry in enumerate(test.index["samples"]):
-        try:
-            raw = read_raw_sample(raw_files(paths.raw_diode, entry))
-        except BadSample as error:
-            raise DepthpipeError(f"{paths.raw_diode / entry['image']}: {error}") from error
-        size = raw.depth.shape
-        model_input = test[i]["image"]
-        images.append(
-            TestImage(
-                name=entry["name"],
-                image=raw.image,
-                depth=raw.depth,
-                valid=raw.mask & (raw.depth >= lo) & (raw.depth <= hi),
-                predictions={
-                    m: predict_full_resolution(net, model_input, size, hi)
-                    for m, net in nets.items()
-                },
+    per_image: dict[str, list[dict[str, float]]] = {model: [] for model in MODELS}
+    for im in images:
+        if not im.valid.any():
+            continue
+        for model in MODELS:
+            per_image[model].append(
+                depth_metrics(im.predictions[model], im.depth, im.valid, lo, hi)
             )
-        )
-    return images
-
-
-def score(images: list[TestImage], params: Params) -> tuple[dict[str, dict[str, float]], int]:
-    """Average metrics per model over the images that have at least one valid pixel."""
-    lo, hi = params.depth.min_depth, params.depth.max_depth
-    scored = [im for im in images if im.valid.any()]
-    if not scored:
+    count = len(per_image[MODELS[0]])
+    if not count:
         raise DepthpipeError("evaluate: no test image has a valid pixel")
-    results = {
-        model: average_metrics(
-            [depth_metrics(im.predictions[model], im.depth, im.valid, lo, hi) for im in scored]
-        )
-        for model in MODELS
-    }
-    return results, len(scored)
+    return {model: average_metrics(scores) for model, scores in per_image.items()}, count
 
 
 def relative_improvement(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -129,18 +186,20 @@ def log_pictures(live_dir: Path, grid: Figure, chart: Figure) -> None:
 
 def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
     nets = {
-        "encoder": load_finetuned(paths.finetune_dir(params.aug))[0],
-        "scratch": load_finetuned(paths.finetune_dir("scratch"))[0],
+        "encoder": load_finetuned(paths.finetune_dir(params.aug)),
+        "scratch": load_finetuned(paths.finetune_dir("scratch")),
     }
-    images = collect(params, paths, nets)
-    results, count = score(images, params)
+    images = predict_test_images(
+        paths, nets, batch_size=params.evaluate.batch_size, depth=params.depth
+    )
+    shown: list[TestImage] = []
+    results, count = score(keep_first(images, shown, params.evaluate.grid_images), params)
     report = {
         **{model: {k: results[model][k] for k in METRIC_NAMES} for model in MODELS},
         "improvement": relative_improvement(results),
         "test_images": count,
     }
     labels = {"encoder": f"{params.aug} encoder", "scratch": "scratch"}
-    shown = images[: params.evaluate.grid_images]
     with atomic_outputs(paths.evaluate_metrics, paths.evaluate_live) as (metrics_file, live_dir):
         metrics_file.write_text(json.dumps(report, indent=2) + "\n")
         log_pictures(

@@ -26,8 +26,10 @@ from depthpipe.data.packed import PackedDepthDataset
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
+from depthpipe.metrics import average_metrics, depth_metrics
 from depthpipe.model import DepthModule, ModelSpec, build_unet
 from depthpipe.paths import ProjectPaths
+from depthpipe.prior import mean_log_depth, prior_depth
 from depthpipe.transforms import DepthAugment
 
 MONITOR = "val/abs_rel"
@@ -63,6 +65,43 @@ class DataWaitMonitor(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = max(self.last_end - self.epoch_start, 1e-9)
         pl_module.log("perf/data_wait_fraction", self.waiting / total, sync_dist=True)
+
+
+class PriorReference(Callback):
+    """Logs the no-pixel prior's validation scores beside the network's at every validation.
+
+    The scores are computed once (the prior does not train); logging them each epoch draws them
+    as a flat reference line on the same axes as val/abs_rel and val/delta1.
+    """
+
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores = scores
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, value in self.scores.items():
+            pl_module.log(f"val/prior_{name}", value, sync_dist=False, rank_zero_only=True)
+
+
+def prior_scores(params: Params, paths: ProjectPaths) -> dict[str, float]:
+    """abs_rel and delta1 of the training-mean log-depth prior on the validation split."""
+    lo, hi = params.depth.min_depth, params.depth.max_depth
+    train = PackedDepthDataset(paths.processed_diode / "train").arrays()
+    log_prior = mean_log_depth(train["depth"], train["mask"], lo, hi)
+    val = PackedDepthDataset(paths.processed_diode / "validation").arrays()
+    per_image = []
+    for depth, mask in zip(val["depth"], val["mask"], strict=True):
+        valid = mask & (depth >= lo) & (depth <= hi)
+        if valid.any():
+            guess = prior_depth(log_prior, depth.shape)
+            per_image.append(depth_metrics(guess, depth, valid, lo, hi))
+    if not per_image:
+        raise DepthpipeError(
+            f"{paths.processed_diode / 'validation'}: no validation image has a valid pixel"
+        )
+    averaged = average_metrics(per_image)
+    return {"abs_rel": averaged["abs_rel"], "delta1": averaged["delta1"]}
 
 
 def check_name(params: Params, name: str) -> None:
@@ -109,6 +148,7 @@ def build_module(params: Params, paths: ProjectPaths, name: str) -> tuple[DepthM
         loss=cfg.loss,
         optimizer=cfg.optimizer,
         lr=cfg.lr,
+        schedule=cfg.schedule,
         weight_decay=cfg.weight_decay,
         min_depth=spec.min_depth,
         max_depth=spec.max_depth,
@@ -116,9 +156,21 @@ def build_module(params: Params, paths: ProjectPaths, name: str) -> tuple[DepthM
     return module, spec
 
 
-def make_trainer(params: Params, live_dir: Path, model_dir: Path) -> pl.Trainer:
+def dvclive_logger(live_dir: Path) -> Any:
+    """DVCLive's Lightning logger without its params.yaml copy of the hyper-parameters: they are
+    params.yaml's own keys, which DVC already records per experiment."""
     from dvclive.lightning import DVCLiveLogger
 
+    class CurvesOnly(DVCLiveLogger):
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    return CurvesOnly(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+
+
+def make_trainer(
+    params: Params, live_dir: Path, model_dir: Path, prior: dict[str, float]
+) -> pl.Trainer:
     hardware = trainer_kwargs(params.finetune.trainer)
     on_cpu = hardware["accelerator"] == "cpu" or not torch.cuda.is_available()
     checkpoint = ModelCheckpoint(
@@ -132,8 +184,8 @@ def make_trainer(params: Params, live_dir: Path, model_dir: Path) -> pl.Trainer:
     )
     return pl.Trainer(
         max_epochs=params.finetune.epochs,
-        logger=DVCLiveLogger(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False),
-        callbacks=[checkpoint, DataWaitMonitor()],
+        logger=dvclive_logger(live_dir),
+        callbacks=[checkpoint, DataWaitMonitor(), PriorReference(prior)],
         # Bit-exact re-runs on CPU (DVC's run cache assumes a stage is a function of its
         # inputs); some CUDA kernels have no deterministic version, so only warn there.
         deterministic=True if on_cpu else "warn",
@@ -143,14 +195,12 @@ def make_trainer(params: Params, live_dir: Path, model_dir: Path) -> pl.Trainer:
     )
 
 
-def export_best(checkpoint: Path, module: DepthModule, spec: ModelSpec, model_dir: Path) -> float:
+def export_best(checkpoint: Path, module: DepthModule, spec: ModelSpec, model_dir: Path) -> None:
     """Plain weights of the best epoch (what evaluate and predict load) + model.json."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
     torch.save(module.net.state_dict(), model_dir / "model.pt")
     spec.save(model_dir / "model.json")
-    callback = next(v for k, v in state["callbacks"].items() if "ModelCheckpoint" in k)
-    return float(callback["best_model_score"])
 
 
 def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
@@ -161,17 +211,20 @@ def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
     leader = is_global_zero()
     outs = (paths.finetune_dir(name), paths.finetune_live(name))
     with staged_outputs(*outs, publish=leader) as (model_dir, live_dir):
-        trainer = make_trainer(params, live_dir, model_dir)
+        prior = prior_scores(params, paths)
+        trainer = make_trainer(params, live_dir, model_dir, prior)
         trainer.fit(module, train_loader, val_loader)
-        best = model_dir / "best.ckpt"
         if not trainer.is_global_zero:
             return {}
-        if not best.is_file():
+        checkpoint = trainer.checkpoint_callback
+        assert isinstance(checkpoint, ModelCheckpoint)  # make_trainer installs exactly one
+        if checkpoint.best_model_score is None or not Path(checkpoint.best_model_path).is_file():
             raise DepthpipeError(f"finetune@{name}: no checkpoint was saved (no validation score)")
-        best_abs_rel = export_best(best, module, spec, model_dir)
+        export_best(Path(checkpoint.best_model_path), module, spec, model_dir)
         summary = {
             "name": name,
-            "best_val_abs_rel": best_abs_rel,
+            "best_val_abs_rel": float(checkpoint.best_model_score),
+            "prior_val_abs_rel": prior["abs_rel"],
             "epochs": params.finetune.epochs,
             "train_samples": len(train_loader.dataset),
             "validation_samples": len(val_loader.dataset),
