@@ -20,8 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import REPO, write_params
+from depthpipe.paths import stage_io
+from tests.helpers import REPO, write_params
+from tests.test_dvc_yaml import top_level_files
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +123,81 @@ def test_repro__runs_every_stage_then_nothing(reproduced: tuple[Path, str]) -> N
     for name in ("scratch", "conservative"):  # the fine-tuning curves
         for curve in ("train/loss", "val/loss", "val/abs_rel"):
             assert f"dvclive/finetune/{name}/plots/metrics/{curve}.tsv" in page
+
+
+OUTPUT_FOLDERS = ("data", "models", "metrics", "dvclive")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + "/")
+
+
+def _files_made_by_repro(root: Path) -> set[str]:
+    """Files under OUTPUT_FOLDERS that the project's first commit did not have."""
+    first = sh("git", "rev-list", "--max-parents=0", "HEAD", cwd=root).split()[0]
+    committed = set(sh("git", "ls-tree", "-r", "--name-only", first, cwd=root).splitlines())
+    return {
+        path.relative_to(root).as_posix()
+        for top in OUTPUT_FOLDERS
+        if (root / top).is_dir()
+        for path in (root / top).rglob("*")
+        if path.is_file() and path.relative_to(root).as_posix() not in committed
+    }
+
+
+def _is_dvc_gitignore(path: str, root: Path, cached: list[str]) -> bool:
+    """A .gitignore DVC writes beside cached outputs: only /<name> lines, each a cached out."""
+    if Path(path).name != ".gitignore":
+        return False
+    folder = Path(path).parent.as_posix()
+    lines = [line for line in (root / path).read_text().splitlines() if line.strip()]
+    return bool(lines) and all(
+        line.startswith("/") and f"{folder}{line}" in cached for line in lines
+    )
+
+
+def test_repro__writes_exactly_the_declared_outputs(reproduced: tuple[Path, str]) -> None:
+    """What the stages really write (observed after `dvc repro`) is what dvc.yaml declares:
+    no undeclared file, no declared output missing, and the DVCLive files dvc.yaml names
+    (summaries, curves the plots draw) exist."""
+    root, _ = reproduced
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(ALL_STAGES)
+    aug = yaml.safe_load((root / "params.yaml").read_text())["aug"]
+    declared: list[str] = []
+    cached: list[str] = []
+    for name, entry in lock.items():
+        base, _, item = name.partition("@")
+        io = stage_io(base, item or None, aug=aug if base == "evaluate" else None)
+        outs = sorted(out["path"] for out in entry.get("outs", []))
+        assert outs == sorted(io.written), name  # what DVC recorded is what paths.py says
+        declared += outs
+        cached += list(io.outs)
+        for path in outs:  # every declared output was written (a folder: not empty)
+            target = root / path
+            assert target.is_file() or any(p.is_file() for p in target.rglob("*")), path
+        for path in io.metrics:  # a DVCLive summary or metrics file: a non-empty JSON object
+            values = json.loads((root / path).read_text())
+            assert isinstance(values, dict) and values, path
+        for path in io.curves:  # the metric names the code logs: a header and rows
+            assert len((root / path).read_text().splitlines()) >= 2, path
+
+    made = _files_made_by_repro(root)
+    undeclared = sorted(
+        path
+        for path in made
+        if not any(_within(path, out) for out in declared)
+        and not _is_dvc_gitignore(path, root, cached)
+    )
+    assert undeclared == [], f"written by the stages but declared by no stage: {undeclared}"
+
+    from dvc.dvcfile import load_file
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        top_level = top_level_files(load_file(repo, str(root / "dvc.yaml")).plots)
+    missing = sorted(path for path in top_level if not (root / path).exists())
+    assert missing == [], f"dvc.yaml's top-level plots name files the run did not write: {missing}"
 
 
 def _free_port() -> int:

@@ -183,18 +183,25 @@ class DepthModule(pl.LightningModule):
         optimizer = make_optimizer(hp.optimizer, self.parameters(), hp.lr, hp.weight_decay)
         if hp.schedule == "constant":
             return optimizer
-        # fastai's fit_one_cycle: a quarter of the steps warming up from lr/25, then cosine
-        # annealing to almost zero. Stepped per batch, over the run's real number of steps.
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=hp.lr,
-            total_steps=max(1, int(self.trainer.estimated_stepping_batches)),
-            pct_start=ONE_CYCLE_WARMUP,
-        )
+        scheduler = one_cycle(optimizer, hp.lr, int(self.trainer.estimated_stepping_batches))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def one_cycle(
+    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """fastai's fit_one_cycle: a quarter of the steps warming up from lr/25, then cosine
+    annealing to almost zero; stepped per batch. The warm-up matters here: full-rate Adam steps
+    on a fresh U-Net push its sigmoid depth head into saturation within a few steps, where the
+    gradient is zero and training stops for good (seen at lr 1e-3 without it)."""
+    # torch divides by zero when the warm-up is exactly one step (4 steps in all); a run of
+    # under 8 steps simply ends before its schedule does.
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=max(8, total_steps), pct_start=ONE_CYCLE_WARMUP
+    )
 
 
 def make_optimizer(

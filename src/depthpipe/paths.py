@@ -1,12 +1,25 @@
 """Every path the pipeline reads or writes, relative to the project root (where dvc.yaml is).
 
-dvc.yaml repeats these strings as deps/outs; tests/test_dvc_yaml.py checks the two agree.
+dvc.yaml repeats these strings as deps/outs; ``stage_io`` says, per stage, which of them it
+declares, and tests/test_dvc_yaml.py checks that dvc.yaml lists exactly those (and that each
+stage's code uses the ProjectPaths members they come from).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+# What DVCLive (3.x) writes inside its ``dir``: the summary of the last value of every metric,
+# and under plots/ one TSV per metric (``train/loss`` -> plots/metrics/train/loss.tsv) and the
+# images given to ``Live.log_image`` (plots/images/).
+DVCLIVE_SUMMARY = "metrics.json"
+DVCLIVE_PLOTS = "plots"
+
+
+def dvclive_curve(live_dir: Path, metric: str) -> Path:
+    """The TSV DVCLive writes for ``metric`` (``val/abs_rel``) in ``live_dir``."""
+    return live_dir / DVCLIVE_PLOTS / "metrics" / f"{metric}.tsv"
 
 
 @dataclass(frozen=True)
@@ -53,11 +66,23 @@ class ProjectPaths:
     def pretrain_live(self, name: str) -> Path:
         return self.root / "dvclive" / "pretrain" / name
 
+    def pretrain_live_summary(self, name: str) -> Path:
+        return self.pretrain_live(name) / DVCLIVE_SUMMARY
+
+    def pretrain_live_plots(self, name: str) -> Path:
+        return self.pretrain_live(name) / DVCLIVE_PLOTS
+
     def finetune_dir(self, name: str) -> Path:
         return self.root / "models" / "finetune" / name
 
     def finetune_live(self, name: str) -> Path:
         return self.root / "dvclive" / "finetune" / name
+
+    def finetune_live_summary(self, name: str) -> Path:
+        return self.finetune_live(name) / DVCLIVE_SUMMARY
+
+    def finetune_live_plots(self, name: str) -> Path:
+        return self.finetune_live(name) / DVCLIVE_PLOTS
 
     # evaluate
     @property
@@ -68,6 +93,89 @@ class ProjectPaths:
     def evaluate_live(self) -> Path:
         return self.root / "dvclive" / "evaluate"
 
+    @property
+    def evaluate_images(self) -> Path:
+        """The prediction grid and the metric chart (predictions.png, metrics.png)."""
+        return self.evaluate_live / DVCLIVE_PLOTS / "images"
+
 
 def project_paths(root: Path | str = ".") -> ProjectPaths:
     return ProjectPaths(Path(root).resolve())
+
+
+STAGES = ("fetch", "preprocess", "pretrain", "init_scratch", "finetune", "evaluate")
+SCRATCH = "scratch"  # the encoder of finetune@scratch, written by init_scratch
+# The DVCLive metrics whose curves `dvc plots show` must draw (the names the code logs).
+PRETRAIN_CURVES = ("train/loss",)
+FINETUNE_CURVES = ("train/loss", "val/loss", "val/abs_rel", "val/delta1")
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """What one stage (one ``foreach`` item) reads and writes besides params and source files,
+    as dvc.yaml declares it: relative posix paths."""
+
+    data_deps: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()  # cached outputs
+    metrics: tuple[str, ...] = ()  # stage-level ``metrics:`` (cache: false)
+    plots: tuple[str, ...] = ()  # stage-level ``plots:`` (cache: false), files or folders
+    # Curve files inside the outputs that a plot definition of dvc.yaml (stage-level or
+    # top-level ``plots:``) must draw. Not a dvc.yaml field.
+    curves: tuple[str, ...] = ()
+
+    @property
+    def written(self) -> tuple[str, ...]:
+        return self.outs + self.metrics + self.plots
+
+
+def stage_io(stage: str, item: str | None = None, *, aug: str | None = None) -> StageIO:
+    """The data paths of ``stage`` (``item``: the preset of pretrain, the encoder name of
+    finetune; ``aug``: the encoder evaluate compares with scratch)."""
+    p = ProjectPaths(Path())  # relative to the project root
+
+    def rel(*paths: Path) -> tuple[str, ...]:
+        return tuple(path.as_posix() for path in paths)
+
+    needs_item = stage in ("pretrain", "finetune")
+    if stage in STAGES and needs_item != (item is not None):
+        raise ValueError(f"stage_io: {stage} takes {'an' if needs_item else 'no'} item")
+    if stage == "evaluate" and aug is None:
+        raise ValueError("stage_io: evaluate needs aug")
+    if stage == "fetch":
+        return StageIO(outs=rel(p.raw_diode, p.raw_megadepth))
+    if stage == "preprocess":
+        return StageIO(
+            data_deps=rel(p.raw_diode, p.raw_megadepth),
+            outs=rel(p.processed_diode, p.processed_megadepth, p.preprocess_report),
+        )
+    if stage == "pretrain" and item is not None:
+        return StageIO(
+            data_deps=rel(p.processed_megadepth),
+            outs=rel(p.encoder_dir(item), p.pretrain_live_plots(item)),
+            metrics=rel(p.pretrain_live_summary(item)),
+            curves=rel(*(dvclive_curve(p.pretrain_live(item), m) for m in PRETRAIN_CURVES)),
+        )
+    if stage == "init_scratch":
+        return StageIO(outs=rel(p.encoder_dir(SCRATCH)))
+    if stage == "finetune" and item is not None:
+        return StageIO(
+            data_deps=rel(p.processed_diode, p.encoder_file(item)),
+            outs=rel(p.finetune_dir(item), p.finetune_live_plots(item)),
+            metrics=rel(p.finetune_live_summary(item)),
+            curves=rel(*(dvclive_curve(p.finetune_live(item), m) for m in FINETUNE_CURVES)),
+        )
+    if stage == "evaluate" and aug is not None:
+        return StageIO(
+            # The packed test split at the training resolution, the raw DIODE val files for
+            # the ground truth at its own resolution, the packed train split for the prior.
+            data_deps=rel(
+                p.processed_diode / "test",
+                p.raw_diode / "val",
+                p.processed_diode / "train",
+                p.finetune_dir(SCRATCH),
+                p.finetune_dir(aug),
+            ),
+            metrics=rel(p.evaluate_metrics),
+            plots=rel(p.evaluate_images),
+        )
+    raise ValueError(f"stage_io: unknown stage {stage!r} (have: {', '.join(STAGES)})")

@@ -33,7 +33,7 @@ def test_evaluate__writes_fixed_keys_and_pictures(scored_project: Path) -> None:
         "delta2",
         "delta3",
     }
-    assert set(report["encoder"]) == names and set(report["scratch"]) == names
+    assert set(report["encoder"]) == set(report["scratch"]) == set(report["prior"]) == names
     assert set(report["improvement"]) == {"abs_rel", "delta1"}
     assert report["test_images"] == 3
     enc, base = report["encoder"]["abs_rel"], report["scratch"]["abs_rel"]

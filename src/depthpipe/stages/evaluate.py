@@ -10,9 +10,12 @@ AND depth within [min_depth, max_depth]; metrics are computed per image and aver
 (DIODE devkit). Images are scored as their batch comes out and dropped, except those shown in
 the picture grid, so memory holds one batch, not the split.
 
+Beside the two networks, ``prior.*`` scores the floor to beat: the training split's per-pixel mean
+log depth, resized to each test image, a guess that looks at no pixel of it (depthpipe.prior).
+
 metrics/evaluate.json has keys that do not depend on ``aug`` (``encoder.*``, ``scratch.*``,
-``improvement.*``), so ``dvc exp show`` lines experiments up column by column. Pictures go to
-dvclive/evaluate/plots/images/.
+``prior.*``, ``improvement.*``), so ``dvc exp show`` lines experiments up column by column.
+Pictures go to dvclive/evaluate/plots/images/.
 """
 
 from __future__ import annotations
@@ -35,14 +38,15 @@ from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import DepthConfig, Params
 from depthpipe.data.diode import BadSample, Sample, SampleFiles
 from depthpipe.data.diode import read_sample as read_raw_sample
-from depthpipe.data.packed import read_index
+from depthpipe.data.packed import PackedDepthDataset, read_index
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.metrics import METRIC_NAMES, average_metrics, depth_metrics
 from depthpipe.model import DepthNet, ModelSpec, load_finetuned, predict_depth
 from depthpipe.paths import ProjectPaths
 from depthpipe.plots import comparison_chart, prediction_grid  # also selects the Agg backend
+from depthpipe.prior import mean_log_depth, prior_depth
 
-MODELS = ("encoder", "scratch")
+MODELS = ("encoder", "scratch", "prior")  # "prior" is no network: see depthpipe.prior
 
 Model = tuple[DepthNet, ModelSpec]
 TestFile = tuple[str, SampleFiles]  # (sample name, its raw DIODE files)
@@ -111,9 +115,10 @@ def valid_pixels(sample: Sample, depth: DepthConfig) -> np.ndarray:
 
 
 def predict_batch(
-    batch: list[TestFile], nets: dict[str, Model], depth: DepthConfig
+    batch: list[TestFile], nets: dict[str, Model], depth: DepthConfig, log_prior: np.ndarray
 ) -> Iterator[TestImage]:
-    """One forward pass per model for the batch; full-resolution depth made image by image."""
+    """One forward pass per network for the batch; full-resolution depth made image by image,
+    with the prior's guess for the image's size beside them."""
     samples = [read_test_sample(files) for _, files in batch]
     photos = [Image.fromarray(sample.image) for sample in samples]
     predictions = {model: predict_depth(net, spec, photos) for model, (net, spec) in nets.items()}
@@ -123,17 +128,30 @@ def predict_batch(
             image=sample.image,
             depth=sample.depth,
             valid=valid_pixels(sample, depth),
-            predictions={model: predictions[model][i].full() for model in nets},
+            predictions={
+                **{model: predictions[model][i].full() for model in nets},
+                "prior": prior_depth(log_prior, sample.depth.shape),
+            },
         )
+
+
+def training_prior(paths: ProjectPaths, depth: DepthConfig) -> np.ndarray:
+    """(h, w) per-pixel mean log depth of the packed training split (the prior's whole model)."""
+    train = PackedDepthDataset(paths.processed_diode / "train").arrays()
+    try:
+        return mean_log_depth(train["depth"], train["mask"], depth.min_depth, depth.max_depth)
+    except ValueError as error:
+        raise DepthpipeError(f"{paths.processed_diode / 'train'}: {error}") from error
 
 
 def predict_test_images(
     paths: ProjectPaths, nets: dict[str, Model], *, batch_size: int, depth: DepthConfig
 ) -> Iterator[TestImage]:
     """Every test image with each model's prediction, ``batch_size`` images per forward pass."""
+    log_prior = training_prior(paths, depth)
     batches = size_batches(split_files(paths), batch_size, lambda item: header_size(item[1].image))
     for batch in batches:
-        yield from predict_batch(batch, nets, depth)
+        yield from predict_batch(batch, nets, depth, log_prior)
 
 
 def keep_first(images: Iterable[T], kept: list[T], count: int) -> Iterator[T]:
@@ -180,6 +198,9 @@ def log_pictures(live_dir: Path, grid: Figure, chart: Figure) -> None:
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         live.log_image("predictions.png", grid)
         live.log_image("metrics.png", chart)
+    # DVCLive always writes a summary; evaluate logs no metric through it (they are in
+    # metrics/evaluate.json), so the empty one would only be an undeclared output.
+    (live_dir / "metrics.json").unlink(missing_ok=True)
     plt.close(grid)
     plt.close(chart)
 
@@ -199,7 +220,11 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
         "improvement": relative_improvement(results),
         "test_images": count,
     }
-    labels = {"encoder": f"{params.aug} encoder", "scratch": "scratch"}
+    labels = {
+        "encoder": f"{params.aug} encoder",
+        "scratch": "scratch",
+        "prior": "prior (sees no pixel)",
+    }
     with atomic_outputs(paths.evaluate_metrics, paths.evaluate_live) as (metrics_file, live_dir):
         metrics_file.write_text(json.dumps(report, indent=2) + "\n")
         log_pictures(
