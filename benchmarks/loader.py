@@ -32,6 +32,7 @@ from PIL import Image
 from depthpipe.config import load_params
 from depthpipe.data import diode, synthetic
 from depthpipe.data.packed import PackedDepthDataset
+from depthpipe.paths import DIODE_TRAIN_SPLIT
 from depthpipe.stages.preprocess import pack_split
 from depthpipe.transforms import DepthAugment
 
@@ -80,8 +81,10 @@ def samples_per_second(dataset: Callable[[int], object], size: int, seconds: flo
 def render_samples(root: Path, count: int) -> list[diode.SampleFiles]:
     views = min(count, 216)
     scans = -(-count // views)
-    synthetic.write_diode_split(root, "train", range(1, 2), scans, views, (1024, 768), seed=0)
-    return diode.list_samples(root, "train")[:count]
+    synthetic.write_diode_split(
+        root, DIODE_TRAIN_SPLIT, range(1, 2), scans, views, (1024, 768), seed=0
+    )
+    return diode.list_samples(root, DIODE_TRAIN_SPLIT)[:count]
 
 
 def main() -> None:

@@ -119,10 +119,64 @@ def test_repro__runs_every_stage_then_nothing(reproduced: tuple[Path, str]) -> N
     html = root / "plots.html"
     dvc("plots", "show", "-o", str(html.with_suffix("")), cwd=root)
     page = (html.with_suffix("") / "index.html").read_text()
-    assert "predictions.png" in page and "pretraining loss" in page
-    for name in ("scratch", "conservative"):  # the fine-tuning curves
-        for curve in ("train/loss", "val/loss", "val/abs_rel"):
-            assert f"dvclive/finetune/{name}/plots/metrics/{curve}.tsv" in page
+    assert "predictions.png" in page and "Self-supervised pretraining loss" in page
+
+
+# Each comparison chart and the series it must hold (file paths relative to dvclive/).
+COMPARISONS = {
+    "validation_abs_rel": {
+        "conservative/plots/metrics/val/abs_rel.tsv",
+        "scratch/plots/metrics/val/abs_rel.tsv",
+        "scratch/plots/metrics/val/prior_abs_rel.tsv",
+    },
+    "validation_delta1": {
+        "conservative/plots/metrics/val/delta1.tsv",
+        "scratch/plots/metrics/val/delta1.tsv",
+        "scratch/plots/metrics/val/prior_delta1.tsv",
+    },
+    "training_loss": {
+        "conservative/plots/metrics/train/loss.tsv",
+        "scratch/plots/metrics/train/loss.tsv",
+    },
+    "validation_loss": {
+        "conservative/plots/metrics/val/loss.tsv",
+        "scratch/plots/metrics/val/loss.tsv",
+    },
+    "pretraining_loss": {
+        "aggressive/plots/metrics/train/loss.tsv",
+        "conservative/plots/metrics/train/loss.tsv",
+    },
+}
+
+
+def chart_series(plots_json: dict) -> dict[str, dict[str, int]]:
+    """Per chart drawn by `dvc plots show --json`: each series (source file) and its points."""
+    charts: dict[str, dict[str, int]] = {}
+    for name, renders in plots_json["data"].items():
+        for render in renders:
+            if render["type"] != "vega":
+                continue
+            for row in render["content"]["data"]["values"]:
+                series = (row.get("filename") or row["filename::field"]).split("::")[0]
+                charts.setdefault(name, {}).setdefault(series, 0)
+                charts[name][series] += 1
+    return charts
+
+
+def test_plots__comparison_charts_hold_both_models_and_the_prior(
+    reproduced: tuple[Path, str],
+) -> None:
+    root, _ = reproduced
+    charts = chart_series(json.loads(dvc("plots", "show", "--json", cwd=root)))
+    # only the comparison charts are drawn: no per-file chart of an epoch counter or a constant
+    assert set(charts) == set(COMPARISONS), sorted(charts)
+    for name, expected in COMPARISONS.items():
+        assert set(charts[name]) == expected, (name, charts[name])
+        assert all(points >= 1 for points in charts[name].values()), (name, charts[name])
+    fine_tuning_epochs = 2  # TINY: finetune.epochs
+    assert charts["validation_abs_rel"]["scratch/plots/metrics/val/abs_rel.tsv"] == (
+        fine_tuning_epochs
+    )
 
 
 OUTPUT_FOLDERS = ("data", "models", "metrics", "dvclive")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from depthpipe.paths import SCRATCH, STAGES, ProjectPaths, StageIO, stage_io
+from depthpipe.paths import PACKED_SPLITS, SCRATCH, STAGES, ProjectPaths, StageIO, stage_io
 from tests.helpers import REPO, write_params
 
 STAGE_MODULES = {
@@ -37,6 +37,8 @@ NEUTRAL = {"depthpipe", "depthpipe.errors", "depthpipe.paths"}
 # ProjectPaths members that are no pipeline data: the project folder, the params file (a DVC
 # params dep, not a path dep) and pretrain's resumable working folder (outside every output).
 NEUTRAL_MEMBERS = {"root", "params", "pretrain_workdir"}
+# ProjectPaths methods whose argument is no encoder or preset name, and the names they take.
+MEMBER_ARGUMENTS = {"packed_split": PACKED_SPLITS}
 
 
 # -- what the code imports ----------------------------------------------------------------------
@@ -225,12 +227,14 @@ def paths_members_used(source: str) -> set[str]:
 
 def _member_values(member: str, names: tuple[str, ...]) -> set[str] | None:
     """The relative paths a ProjectPaths member gives (called with each candidate name if it
-    is a method); None if it is no ProjectPaths member."""
+    is a method: ``names``, or its own from MEMBER_ARGUMENTS); None if it is no ProjectPaths
+    member."""
     paths = ProjectPaths(Path())
     if not hasattr(paths, member):
         return None
     value = getattr(paths, member)
-    values = [value(name) for name in names] if callable(value) else [value]
+    arguments = MEMBER_ARGUMENTS.get(member, names)
+    values = [value(name) for name in arguments] if callable(value) else [value]
     return {v.as_posix() for v in values}
 
 

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from depthpipe.config import DepthConfig, FinetuneAugment, load_params
+from depthpipe.losses import depth_loss
 from depthpipe.transforms import DepthAugment, affine_theta, scale_crop_depth, warp
 from tests.helpers import REPO
 
@@ -104,3 +106,15 @@ def test_augment__crop_leaving_no_valid_pixel_gives_empty_mask() -> None:
     out = DepthAugment(cfg, DEPTH, generator=torch.Generator().manual_seed(0))(_plane(0.7))
     assert out["image"].shape == (3, 30, 40)
     assert not out["mask"].any() and torch.all(out["depth"] == 0)
+
+
+def test_augment__mse_sees_the_scaled_depth() -> None:
+    """The tutorial's loss in metres trains on what the crop shows: a 20 m wall at 2x
+    magnification is a 10 m wall, so predicting 10 m costs nothing and 20 m costs (10 m)^2."""
+    cfg = _augment(rotation_degrees=0.0, crop_scale_min=0.25, crop_scale_max=0.25, hflip_prob=0.0)
+    out = DepthAugment(cfg, DEPTH, generator=torch.Generator().manual_seed(0))(_plane(20.0))
+    depth, valid = out["depth"][None], out["mask"][None]
+    at_ten = depth_loss("mse", torch.full_like(depth, math.log(10.0)), depth, valid)
+    at_twenty = depth_loss("mse", torch.full_like(depth, math.log(20.0)), depth, valid)
+    assert at_ten is not None and float(at_ten) < 1e-8
+    assert at_twenty is not None and float(at_twenty) == pytest.approx(100.0, rel=1e-5)

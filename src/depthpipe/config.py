@@ -18,11 +18,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from depthpipe.errors import ConfigError
+from depthpipe.paths import SCRATCH
 
-# Preset names become stage names (pretrain@<name>) and folder names, and "scratch" is taken by the
-# randomly initialised baseline.
+# Preset names become stage names (pretrain@<name>) and folder names, and SCRATCH ("scratch") is
+# taken by the randomly initialised baseline.
 PRESET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-RESERVED_PRESET_NAMES = frozenset({"scratch"})
+RESERVED_PRESET_NAMES = frozenset({SCRATCH})
 
 # The torchvision ResNets the U-Net and LightlyTrain both understand.
 Architecture = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -165,7 +166,7 @@ class PretrainConfig(Section):
             if not PRESET_NAME.match(name) or name in RESERVED_PRESET_NAMES:
                 raise ValueError(
                     f"{name}: a preset name must be lower-case letters, digits and '_', start "
-                    "with a letter, at most 40 characters, and not 'scratch'"
+                    f"with a letter, at most 40 characters, and not '{SCRATCH}'"
                 )
         return presets
 
@@ -242,7 +243,7 @@ class Params(Section):
 
     def encoder_names(self) -> tuple[str, ...]:
         """Every name finetune accepts: the baseline and each pretraining preset."""
-        return ("scratch", *sorted(self.pretrain.presets))
+        return (SCRATCH, *sorted(self.pretrain.presets))
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

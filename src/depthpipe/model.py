@@ -33,6 +33,7 @@ from depthpipe.encoders import build_resnet
 from depthpipe.errors import DepthpipeError
 from depthpipe.losses import depth_loss
 from depthpipe.metrics import depth_metrics
+from depthpipe.paths import MODEL_SPEC, MODEL_WEIGHTS
 
 # LightlyTrain normalises pretraining images with ImageNet statistics; fine-tuning must match.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,6 +84,11 @@ def build_unet_for_inference(spec: ModelSpec) -> DynamicUnet:
 class DepthNet(nn.Module):
     """Normalise RGB in [0, 1], run the U-Net, return log depth (B, 1, H, W)."""
 
+    # Buffers (set by register_buffer): declared so that they type as tensors, not as
+    # nn.Module.__getattr__'s ``Tensor | Module``.
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
@@ -91,6 +97,19 @@ class DepthNet(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.unet((image - self.mean) / self.std)
+
+
+@dataclass(frozen=True)
+class DepthHParams:
+    """DepthModule's hyper-parameters, typed (``self.hparams`` is an untyped mapping)."""
+
+    loss: str  # a name depth_loss knows
+    optimizer: str  # adamw, adam or sgd
+    lr: float
+    schedule: str  # constant or one_cycle
+    weight_decay: float
+    min_depth: float  # metres
+    max_depth: float
 
 
 class DepthModule(pl.LightningModule):
@@ -108,7 +127,17 @@ class DepthModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         # The network is not a hyper-parameter: without ignore it would be pickled into hparams.
+        # The checkpoint keeps them there; the code reads the typed copy, self.hp.
         self.save_hyperparameters(ignore=["unet"])
+        self.hp = DepthHParams(
+            loss=loss,
+            optimizer=optimizer,
+            lr=lr,
+            schedule=schedule,
+            weight_decay=weight_decay,
+            min_depth=min_depth,
+            max_depth=max_depth,
+        )
         self.net = DepthNet(unet)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -116,13 +145,13 @@ class DepthModule(pl.LightningModule):
 
     def valid_pixels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         depth = batch["depth"]
-        hp = self.hparams
+        hp = self.hp
         return batch["mask"] & (depth >= hp.min_depth) & (depth <= hp.max_depth)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         log_pred = self(batch["image"])
         return log_pred, depth_loss(
-            self.hparams.loss, log_pred, batch["depth"], self.valid_pixels(batch)
+            self.hp.loss, log_pred, batch["depth"], self.valid_pixels(batch)
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -164,8 +193,8 @@ class DepthModule(pl.LightningModule):
                 depth[i, 0],
                 batch["depth"][i, 0],
                 valid[i, 0],
-                self.hparams.min_depth,
-                self.hparams.max_depth,
+                self.hp.min_depth,
+                self.hp.max_depth,
             )
             for i in range(depth.shape[0])
             if bool(valid[i].any())
@@ -179,7 +208,7 @@ class DepthModule(pl.LightningModule):
             self.log(f"val/{name}", value, on_epoch=True, sync_dist=True, batch_size=n)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp = self.hp
         optimizer = make_optimizer(hp.optimizer, self.parameters(), hp.lr, hp.weight_decay)
         if hp.schedule == "constant":
             return optimizer
@@ -218,8 +247,8 @@ def make_optimizer(
 def load_finetuned(model_path: Path) -> tuple[DepthNet, ModelSpec]:
     """Load a fine-tuned network from its folder (model.pt + model.json) or its weights file."""
     folder = model_path if model_path.is_dir() else model_path.parent
-    weights = folder / "model.pt" if model_path.is_dir() else model_path
-    spec = ModelSpec.load(folder / "model.json")
+    weights = folder / MODEL_WEIGHTS if model_path.is_dir() else model_path
+    spec = ModelSpec.load(folder / MODEL_SPEC)
     if not weights.is_file():
         raise DepthpipeError(f"{weights}: model weights not found")
     net = DepthNet(build_unet_for_inference(spec))
@@ -234,8 +263,8 @@ def load_finetuned(model_path: Path) -> tuple[DepthNet, ModelSpec]:
 def save_finetuned(net: DepthNet, spec: ModelSpec, folder: Path) -> None:
     """Write a model folder ``load_finetuned`` reads: plain weights (model.pt) + model.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), folder / "model.pt")
-    spec.save(folder / "model.json")
+    torch.save(net.state_dict(), folder / MODEL_WEIGHTS)
+    spec.save(folder / MODEL_SPEC)
 
 
 # Inference: the one path from full-resolution photos to depth in metres, shared by evaluate (which

@@ -1,4 +1,6 @@
-"""Every path the pipeline reads or writes, relative to the project root (where dvc.yaml is).
+"""Every path the pipeline reads or writes, relative to the project root (where dvc.yaml is),
+and the file and folder names that more than one module uses (split folders, model files, image
+suffixes): defined here once.
 
 dvc.yaml repeats these strings as deps/outs; ``stage_io`` says, per stage, which of them it
 declares, and tests/test_dvc_yaml.py checks that dvc.yaml lists exactly those (and that each
@@ -15,6 +17,41 @@ from pathlib import Path
 # images given to ``Live.log_image`` (plots/images/).
 DVCLIVE_SUMMARY = "metrics.json"
 DVCLIVE_PLOTS = "plots"
+
+# Splits. DIODE ships two, data/raw/diode/{train,val}/; preprocess packs three into
+# data/processed/diode/{train,validation,test}/: train and validation carved from DIODE train by
+# scene, test = DIODE val (untouched until evaluate).
+DIODE_TRAIN_SPLIT = "train"
+DIODE_VAL_SPLIT = "val"
+TRAIN_SPLIT = "train"
+VALIDATION_SPLIT = "validation"
+TEST_SPLIT = "test"
+PACKED_SPLITS = (TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT)
+
+# Files of a pretrained encoder's folder, models/pretrain/<name>/.
+ENCODER_FILE = "encoder.pt"  # torchvision ResNet state dict, loaded with strict=True
+PRETRAIN_LOG = "train.log"  # LightlyTrain's log of the run
+PRETRAIN_SUMMARY = "pretrain.json"
+# Files of a fine-tuned model's folder, models/finetune/<name>/.
+MODEL_WEIGHTS = "model.pt"  # plain DepthNet state dict of the best epoch
+MODEL_SPEC = "model.json"  # depthpipe.model.ModelSpec: how to rebuild the network
+BEST_CHECKPOINT = "best.ckpt"  # the Lightning checkpoint of the best epoch
+FINETUNE_SUMMARY = "finetune.json"
+
+# What LightlyTrain writes in its ``out`` folder (pretrain's working folder).
+LIGHTLY_LAST_CHECKPOINT = Path("checkpoints", "last.ckpt")  # a killed run resumes from it
+LIGHTLY_EXPORT = Path("exported_models", "exported_last.pt")  # the encoder's state dict
+LIGHTLY_LOG = "train.log"
+LIGHTLY_METRICS = "metrics.jsonl"
+
+# Image files: what predict accepts from users' folders and pretrain counts in its image folder
+# (all decoded by PIL; LightlyTrain reads every suffix PIL opens, a superset of these).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+def is_image(path: Path) -> bool:
+    """Whether ``path`` has one of IMAGE_SUFFIXES (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def dvclive_curve(live_dir: Path, metric: str) -> Path:
@@ -44,6 +81,12 @@ class ProjectPaths:
     def processed_diode(self) -> Path:
         return self.root / "data" / "processed" / "diode"
 
+    def packed_split(self, name: str) -> Path:
+        """One packed split folder (``name`` in PACKED_SPLITS) under processed_diode."""
+        if name not in PACKED_SPLITS:
+            raise ValueError(f"no packed split {name!r} (have: {', '.join(PACKED_SPLITS)})")
+        return self.processed_diode / name
+
     @property
     def processed_megadepth(self) -> Path:
         return self.root / "data" / "processed" / "megadepth"
@@ -57,7 +100,7 @@ class ProjectPaths:
         return self.root / "models" / "pretrain" / name
 
     def encoder_file(self, name: str) -> Path:
-        return self.encoder_dir(name) / "encoder.pt"
+        return self.encoder_dir(name) / ENCODER_FILE
 
     def pretrain_workdir(self, name: str, key: str) -> Path:
         # Outside every stage output, so DVC neither deletes it before a re-run nor caches it.
@@ -169,9 +212,9 @@ def stage_io(stage: str, item: str | None = None, *, aug: str | None = None) -> 
             # The packed test split at the training resolution, the raw DIODE val files for
             # the ground truth at its own resolution, the packed train split for the prior.
             data_deps=rel(
-                p.processed_diode / "test",
-                p.raw_diode / "val",
-                p.processed_diode / "train",
+                p.packed_split(TEST_SPLIT),
+                p.raw_diode / DIODE_VAL_SPLIT,
+                p.packed_split(TRAIN_SPLIT),
                 p.finetune_dir(SCRATCH),
                 p.finetune_dir(aug),
             ),

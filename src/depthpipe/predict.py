@@ -32,8 +32,8 @@ from tqdm import tqdm
 from depthpipe.atomic import atomic_file
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.model import DepthNet, DepthPrediction, ModelSpec, load_finetuned, predict_depth
+from depthpipe.paths import MODEL_WEIGHTS, is_image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Larger inputs are skipped: 200 MP decode to 0.8 GB of RGB and give 0.8 GB of float32 depth.
 # It replaces PIL's decompression-bomb limit in main() (PIL's default refuses 179 MP).
 MAX_PIXELS = 200_000_000
@@ -51,7 +51,7 @@ def find_images(inputs: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(sorted(p for p in path.rglob("*") if is_image(p)))
         elif path.exists():
             found.append(path)
         else:
@@ -209,7 +209,10 @@ def main() -> None:
     )
     parser.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     parser.add_argument(
-        "--model", type=Path, required=True, help="a models/finetune/<name> folder or its model.pt"
+        "--model",
+        type=Path,
+        required=True,
+        help=f"a models/finetune/<name> folder or its {MODEL_WEIGHTS}",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args()

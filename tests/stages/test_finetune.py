@@ -76,6 +76,27 @@ def test_training_step__all_invalid_batch_is_skipped_without_nan(project: Path) 
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_training_step__sample_left_without_valid_pixel_weighs_zero_and_is_counted(
+    project: Path,
+) -> None:
+    """A crop can leave a sample with no valid depth: it trains with zero weight and the step
+    reports it in train/empty_samples."""
+    paths = project_paths(project)
+    module, _ = finetune.build_module(load_params(paths.params), paths, "scratch")
+    module.eval()  # batch-norm statistics of the pair must not depend on the batch's make-up
+    dataset = PackedDepthDataset(paths.processed_diode / "train")
+    pair = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    pair["mask"][0] = False
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+    loss = module.training_step(pair, 0)
+    alone = module.training_step(torch.utils.data.default_collate([dataset[1]]), 0)
+    assert float(loss) == pytest.approx(float(alone), rel=1e-5)
+    assert logged["train/empty_samples"] == 0.0  # the last call: sample 1 alone
+    module.training_step(pair, 0)
+    assert logged["train/empty_samples"] == 1.0
+
+
 def _val_loss(net: torch.nn.Module, paths, params) -> float:
     module, _ = finetune.build_module(params, paths, "scratch")
     module.net.load_state_dict(net.state_dict())

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from depthpipe.errors import DepthpipeError
 
 ARRAYS = ("images", "depth", "mask")
+INDEX_FILE = "index.json"
 
 Batch = dict[str, torch.Tensor]
 
@@ -101,12 +102,12 @@ class PackedWriter:
                 os.replace(trimmed, self.folder / f"{name}.npy")
         self._arrays.clear()
         index = {"height": self.size[0], "width": self.size[1], "samples": self._entries}
-        (self.folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
         return count
 
 
 def read_index(folder: Path) -> dict:
-    path = folder / "index.json"
+    path = folder / INDEX_FILE
     if not path.is_file():
         raise DepthpipeError(f"{path}: packed split not found (run the preprocess stage)")
     return json.loads(path.read_text())

@@ -85,7 +85,8 @@ def _polar(rng: np.random.Generator, r_min: float, r_max: float) -> tuple[float,
 def _colour(rng: np.random.Generator, lo: float, hi: float) -> tuple[float, float, float]:
     base = rng.uniform(lo, hi)
     tint = rng.uniform(-0.12, 0.12, size=3)
-    return tuple(float(v) for v in np.clip(base + tint, 0.05, 0.95))
+    red, green, blue = (float(v) for v in np.clip(base + tint, 0.05, 0.95))
+    return red, green, blue
 
 
 def make_scene(seed: int, scene_id: int) -> Scene:
@@ -233,8 +234,8 @@ def _hit_pole(origin: np.ndarray, rays: np.ndarray, pole: Pole, index: int, hits
 
 def _hash01(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
     """Deterministic per-lattice-point noise in [0, 1), from integer mixing (no float libm)."""
-    h = ix.astype(np.int64) * 73856093 ^ iy.astype(np.int64) * 19349663 ^ seed * 83492791
-    h = h.astype(np.uint64) & np.uint64(0xFFFFFFFF)
+    mixed = ix.astype(np.int64) * 73856093 ^ iy.astype(np.int64) * 19349663 ^ seed * 83492791
+    h = mixed.astype(np.uint64) & np.uint64(0xFFFFFFFF)
     h = (h ^ (h >> np.uint64(13))) * np.uint64(0x5BD1E995) & np.uint64(0xFFFFFFFF)
     h = h ^ (h >> np.uint64(15))
     return (h & np.uint64(0xFFFF)).astype(np.float64) / 65536.0

@@ -42,7 +42,14 @@ from depthpipe.data.packed import PackedDepthDataset, read_index
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.metrics import METRIC_NAMES, average_metrics, depth_metrics
 from depthpipe.model import DepthNet, ModelSpec, load_finetuned, predict_depth
-from depthpipe.paths import ProjectPaths
+from depthpipe.paths import (
+    DIODE_VAL_SPLIT,
+    DVCLIVE_SUMMARY,
+    SCRATCH,
+    TEST_SPLIT,
+    TRAIN_SPLIT,
+    ProjectPaths,
+)
 from depthpipe.plots import comparison_chart, prediction_grid  # also selects the Agg backend
 from depthpipe.prior import mean_log_depth, prior_depth
 
@@ -65,7 +72,7 @@ class TestImage:
 def raw_files(raw_root: Path, entry: dict[str, str]) -> SampleFiles:
     image = raw_root / entry["image"]
     return SampleFiles(
-        split="val",
+        split=DIODE_VAL_SPLIT,
         scene=entry["scene"],
         scan=image.parent.name,
         stem=image.stem,
@@ -75,7 +82,7 @@ def raw_files(raw_root: Path, entry: dict[str, str]) -> SampleFiles:
 
 def split_files(paths: ProjectPaths) -> list[TestFile]:
     """The test split as preprocess validated it (its index), pointing at the raw files."""
-    index = read_index(paths.processed_diode / "test")
+    index = read_index(paths.packed_split(TEST_SPLIT))
     return [(entry["name"], raw_files(paths.raw_diode, entry)) for entry in index["samples"]]
 
 
@@ -137,11 +144,12 @@ def predict_batch(
 
 def training_prior(paths: ProjectPaths, depth: DepthConfig) -> np.ndarray:
     """(h, w) per-pixel mean log depth of the packed training split (the prior's whole model)."""
-    train = PackedDepthDataset(paths.processed_diode / "train").arrays()
+    folder = paths.packed_split(TRAIN_SPLIT)
+    train = PackedDepthDataset(folder).arrays()
     try:
         return mean_log_depth(train["depth"], train["mask"], depth.min_depth, depth.max_depth)
     except ValueError as error:
-        raise DepthpipeError(f"{paths.processed_diode / 'train'}: {error}") from error
+        raise DepthpipeError(f"{folder}: {error}") from error
 
 
 def predict_test_images(
@@ -200,7 +208,7 @@ def log_pictures(live_dir: Path, grid: Figure, chart: Figure) -> None:
         live.log_image("metrics.png", chart)
     # DVCLive always writes a summary; evaluate logs no metric through it (they are in
     # metrics/evaluate.json), so the empty one would only be an undeclared output.
-    (live_dir / "metrics.json").unlink(missing_ok=True)
+    (live_dir / DVCLIVE_SUMMARY).unlink(missing_ok=True)
     plt.close(grid)
     plt.close(chart)
 
@@ -208,7 +216,7 @@ def log_pictures(live_dir: Path, grid: Figure, chart: Figure) -> None:
 def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
     nets = {
         "encoder": load_finetuned(paths.finetune_dir(params.aug)),
-        "scratch": load_finetuned(paths.finetune_dir("scratch")),
+        "scratch": load_finetuned(paths.finetune_dir(SCRATCH)),
     }
     images = predict_test_images(
         paths, nets, batch_size=params.evaluate.batch_size, depth=params.depth

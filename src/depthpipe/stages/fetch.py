@@ -11,7 +11,7 @@ from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import Params
 from depthpipe.data import synthetic
 from depthpipe.errors import run_cli
-from depthpipe.paths import ProjectPaths
+from depthpipe.paths import DIODE_TRAIN_SPLIT, DIODE_VAL_SPLIT, ProjectPaths
 
 # Scene ids of the synthetic DIODE val split start here, so no id is shared with train.
 VAL_SCENE_OFFSET = 500
@@ -25,7 +25,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, int]:
         counts = {
             "diode_train": synthetic.write_diode_split(
                 diode_dir,
-                "train",
+                DIODE_TRAIN_SPLIT,
                 range(1, cfg.train_scenes + 1),
                 cfg.scans_per_scene,
                 cfg.views_per_scan,
@@ -34,7 +34,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, int]:
             ),
             "diode_val": synthetic.write_diode_split(
                 diode_dir,
-                "val",
+                DIODE_VAL_SPLIT,
                 range(VAL_SCENE_OFFSET, VAL_SCENE_OFFSET + cfg.val_scenes),
                 cfg.scans_per_scene,
                 cfg.views_per_scan,

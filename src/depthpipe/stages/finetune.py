@@ -22,13 +22,20 @@ from torch.utils.data import DataLoader
 from depthpipe.atomic import staged_outputs
 from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import Params
-from depthpipe.data.packed import PackedDepthDataset
+from depthpipe.data.packed import Batch, PackedDepthDataset
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
 from depthpipe.metrics import average_metrics, depth_metrics
-from depthpipe.model import DepthModule, ModelSpec, build_unet
-from depthpipe.paths import ProjectPaths
+from depthpipe.model import DepthModule, ModelSpec, build_unet, save_finetuned
+from depthpipe.paths import (
+    BEST_CHECKPOINT,
+    FINETUNE_SUMMARY,
+    SCRATCH,
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
+    ProjectPaths,
+)
 from depthpipe.prior import mean_log_depth, prior_depth
 from depthpipe.transforms import DepthAugment
 
@@ -87,9 +94,9 @@ class PriorReference(Callback):
 def prior_scores(params: Params, paths: ProjectPaths) -> dict[str, float]:
     """abs_rel and delta1 of the training-mean log-depth prior on the validation split."""
     lo, hi = params.depth.min_depth, params.depth.max_depth
-    train = PackedDepthDataset(paths.processed_diode / "train").arrays()
+    train = PackedDepthDataset(paths.packed_split(TRAIN_SPLIT)).arrays()
     log_prior = mean_log_depth(train["depth"], train["mask"], lo, hi)
-    val = PackedDepthDataset(paths.processed_diode / "validation").arrays()
+    val = PackedDepthDataset(paths.packed_split(VALIDATION_SPLIT)).arrays()
     per_image = []
     for depth, mask in zip(val["depth"], val["mask"], strict=True):
         valid = mask & (depth >= lo) & (depth <= hi)
@@ -98,7 +105,7 @@ def prior_scores(params: Params, paths: ProjectPaths) -> dict[str, float]:
             per_image.append(depth_metrics(guess, depth, valid, lo, hi))
     if not per_image:
         raise DepthpipeError(
-            f"{paths.processed_diode / 'validation'}: no validation image has a valid pixel"
+            f"{paths.packed_split(VALIDATION_SPLIT)}: no validation image has a valid pixel"
         )
     averaged = average_metrics(per_image)
     return {"abs_rel": averaged["abs_rel"], "delta1": averaged["delta1"]}
@@ -107,17 +114,24 @@ def prior_scores(params: Params, paths: ProjectPaths) -> dict[str, float]:
 def check_name(params: Params, name: str) -> None:
     if name not in params.encoder_names():
         raise DepthpipeError(
-            f"finetune: '{name}' is neither 'scratch' nor a preset in pretrain.presets "
+            f"finetune: '{name}' is neither '{SCRATCH}' nor a preset in pretrain.presets "
             f"(have: {', '.join(params.encoder_names())})"
         )
 
 
-def loaders(params: Params, paths: ProjectPaths) -> tuple[DataLoader, DataLoader]:
-    cfg = params.finetune
+def datasets(params: Params, paths: ProjectPaths) -> tuple[PackedDepthDataset, PackedDepthDataset]:
+    """The training split (augmented) and the validation split."""
     train = PackedDepthDataset(
-        paths.processed_diode / "train", transform=DepthAugment(cfg.augment, params.depth)
+        paths.packed_split(TRAIN_SPLIT),
+        transform=DepthAugment(params.finetune.augment, params.depth),
     )
-    val = PackedDepthDataset(paths.processed_diode / "validation")
+    return train, PackedDepthDataset(paths.packed_split(VALIDATION_SPLIT))
+
+
+def loaders(
+    params: Params, train: PackedDepthDataset, val: PackedDepthDataset
+) -> tuple[DataLoader[Batch], DataLoader[Batch]]:
+    cfg = params.finetune
     workers = cfg.trainer.num_workers
     common: dict[str, Any] = {
         "batch_size": cfg.batch_size,
@@ -175,7 +189,7 @@ def make_trainer(
     on_cpu = hardware["accelerator"] == "cpu" or not torch.cuda.is_available()
     checkpoint = ModelCheckpoint(
         dirpath=model_dir,
-        filename="best",
+        filename=BEST_CHECKPOINT.removesuffix(ModelCheckpoint.FILE_EXTENSION),
         monitor=MONITOR,
         mode="min",
         save_top_k=1,
@@ -199,14 +213,14 @@ def export_best(checkpoint: Path, module: DepthModule, spec: ModelSpec, model_di
     """Plain weights of the best epoch (what evaluate and predict load) + model.json."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
-    torch.save(module.net.state_dict(), model_dir / "model.pt")
-    spec.save(model_dir / "model.json")
+    save_finetuned(module.net, spec, model_dir)
 
 
 def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
     check_name(params, name)
     pl.seed_everything(params.seed, workers=True, verbose=False)
-    train_loader, val_loader = loaders(params, paths)
+    train_set, val_set = datasets(params, paths)
+    train_loader, val_loader = loaders(params, train_set, val_set)
     module, spec = build_module(params, paths, name)
     leader = is_global_zero()
     outs = (paths.finetune_dir(name), paths.finetune_live(name))
@@ -226,15 +240,15 @@ def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
             "best_val_abs_rel": float(checkpoint.best_model_score),
             "prior_val_abs_rel": prior["abs_rel"],
             "epochs": params.finetune.epochs,
-            "train_samples": len(train_loader.dataset),
-            "validation_samples": len(val_loader.dataset),
+            "train_samples": len(train_set),
+            "validation_samples": len(val_set),
         }
-        (model_dir / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (model_dir / FINETUNE_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def main() -> None:
-    args = stage_arguments(__doc__, "name", "'scratch' or a key of pretrain.presets")
+    args = stage_arguments(__doc__, "name", f"'{SCRATCH}' or a key of pretrain.presets")
     params, paths = open_project(args.root)
     summary = run(params, paths, args.name)
     if summary:

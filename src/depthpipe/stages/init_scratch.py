@@ -16,16 +16,14 @@ from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import Params
 from depthpipe.encoders import build_resnet
 from depthpipe.errors import run_cli
-from depthpipe.paths import ProjectPaths
-
-SCRATCH = "scratch"
+from depthpipe.paths import ENCODER_FILE, SCRATCH, ProjectPaths
 
 
 def run(params: Params, paths: ProjectPaths) -> Path:
     torch.manual_seed(params.seed)
     encoder = build_resnet(params.model.arch)  # torchvision's own initialisation, no weights
     with atomic_dir(paths.encoder_dir(SCRATCH)) as staged:
-        torch.save(encoder.state_dict(), staged / "encoder.pt")
+        torch.save(encoder.state_dict(), staged / ENCODER_FILE)
     return paths.encoder_file(SCRATCH)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -19,7 +20,32 @@ from depthpipe.config import Params
 from depthpipe.data import diode, megadepth
 from depthpipe.data.packed import PackedWriter
 from depthpipe.errors import DepthpipeError, run_cli
-from depthpipe.paths import ProjectPaths
+from depthpipe.paths import (
+    DIODE_TRAIN_SPLIT,
+    DIODE_VAL_SPLIT,
+    TEST_SPLIT,
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
+    ProjectPaths,
+)
+
+
+class DiodeReport(TypedDict):
+    counts: dict[str, int]  # packed split -> samples written
+    train_scenes: list[str]
+    validation_scenes: list[str]
+
+
+class MegadepthReport(TypedDict):
+    images: int  # photos written
+
+
+class PreprocessReport(TypedDict):
+    """What data/processed/report.json holds."""
+
+    diode: DiodeReport
+    megadepth: MegadepthReport
+    skipped: list[dict[str, str]]  # {"file": relative to its raw root, "reason": ...}
 
 
 def split_scenes(scenes: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -76,19 +102,19 @@ def pack_split(
 
 def preprocess_diode(
     params: Params, raw: Path, out: Path, skipped: list[dict[str, str]]
-) -> dict[str, object]:
-    train_all = diode.list_samples(raw, "train")
-    test = diode.list_samples(raw, "val")
-    for split, found in (("train", train_all), ("val", test)):
+) -> DiodeReport:
+    train_all = diode.list_samples(raw, DIODE_TRAIN_SPLIT)
+    test = diode.list_samples(raw, DIODE_VAL_SPLIT)
+    for split, found in ((DIODE_TRAIN_SPLIT, train_all), (DIODE_VAL_SPLIT, test)):
         if not found:
             raise DepthpipeError(f"{raw / split / diode.DOMAIN}: no DIODE samples found")
     train_scenes, val_scenes = split_scenes(
         [s.scene for s in train_all], params.preprocess.val_fraction, params.seed
     )
     parts = {
-        "train": [s for s in train_all if s.scene in train_scenes],
-        "validation": [s for s in train_all if s.scene in val_scenes],
-        "test": test,
+        TRAIN_SPLIT: [s for s in train_all if s.scene in train_scenes],
+        VALIDATION_SPLIT: [s for s in train_all if s.scene in val_scenes],
+        TEST_SPLIT: test,
     }
     size = (params.preprocess.height, params.preprocess.width)
     counts = {
@@ -119,14 +145,14 @@ def preprocess_megadepth(
     return written
 
 
-def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
+def run(params: Params, paths: ProjectPaths) -> PreprocessReport:
     for raw in (paths.raw_diode, paths.raw_megadepth):
         if not raw.is_dir():
             raise DepthpipeError(f"{raw}: raw data not found (run the fetch stage)")
     skipped: list[dict[str, str]] = []
     outs = (paths.processed_diode, paths.processed_megadepth, paths.preprocess_report)
     with atomic_outputs(*outs) as (diode_out, megadepth_out, report_out):
-        report = {
+        report: PreprocessReport = {
             "diode": preprocess_diode(params, paths.raw_diode, diode_out, skipped),
             "megadepth": {
                 "images": preprocess_megadepth(params, paths.raw_megadepth, megadepth_out, skipped)

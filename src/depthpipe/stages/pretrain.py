@@ -23,16 +23,25 @@ from depthpipe.config import Params
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
-from depthpipe.paths import ProjectPaths
+from depthpipe.paths import (
+    ENCODER_FILE,
+    LIGHTLY_EXPORT,
+    LIGHTLY_LAST_CHECKPOINT,
+    LIGHTLY_LOG,
+    LIGHTLY_METRICS,
+    PRETRAIN_LOG,
+    PRETRAIN_SUMMARY,
+    ProjectPaths,
+    is_image,
+)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DONE_MARKER = "depthpipe-complete.json"
 
 
 def list_pretrain_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DepthpipeError(f"{folder}: image folder not found (run the preprocess stage)")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.rglob("*") if is_image(p))
     if not images:
         raise DepthpipeError(f"{folder}: no images to pretrain on")
     return images
@@ -77,7 +86,7 @@ def prepare_workdir(paths: ProjectPaths, preset: str, key: str) -> tuple[Path, b
             shutil.rmtree(stale, ignore_errors=True)
     if (workdir / DONE_MARKER).is_file():
         return workdir, False
-    if (workdir / "checkpoints" / "last.ckpt").is_file():
+    if (workdir / LIGHTLY_LAST_CHECKPOINT).is_file():
         return workdir, True
     # Killed before its first checkpoint: nothing to resume, start clean.
     shutil.rmtree(workdir, ignore_errors=True)
@@ -137,16 +146,16 @@ def write_dvclive(losses: list[tuple[int, int, float]], live_dir: Path) -> None:
 def export(
     params: Params, preset: str, workdir: Path, paths: ProjectPaths, stats: dict[str, Any]
 ) -> None:
-    exported = workdir / "exported_models" / "exported_last.pt"
+    exported = workdir / LIGHTLY_EXPORT
     load_encoder(params.model.arch, exported)  # strict: refuse to publish a misfit encoder
-    losses = read_losses(workdir / "metrics.jsonl")
+    losses = read_losses(workdir / LIGHTLY_METRICS)
     outs = (paths.encoder_dir(preset), paths.pretrain_live(preset))
     with atomic_outputs(*outs) as (model_dir, live_dir):
-        shutil.copy2(exported, model_dir / "encoder.pt")
-        if (workdir / "train.log").is_file():
-            shutil.copy2(workdir / "train.log", model_dir / "train.log")
+        shutil.copy2(exported, model_dir / ENCODER_FILE)
+        if (workdir / LIGHTLY_LOG).is_file():
+            shutil.copy2(workdir / LIGHTLY_LOG, model_dir / PRETRAIN_LOG)
         summary = {**stats, "final_train_loss": losses[-1][2] if losses else None}
-        (model_dir / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (model_dir / PRETRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         write_dvclive(losses, live_dir)
 
 
@@ -166,9 +175,9 @@ def run(params: Params, paths: ProjectPaths, preset: str) -> dict[str, Any]:
         # A DDP worker decides as the leader did (it only reads): every process must pass the
         # same resume flag, or their epoch counters and weights would disagree.
         workdir = paths.pretrain_workdir(preset, key)
-        resume = (workdir / "checkpoints" / "last.ckpt").is_file()
+        resume = (workdir / LIGHTLY_LAST_CHECKPOINT).is_file()
     seconds = 0.0
-    start_epoch = checkpoint_epoch(workdir / "checkpoints" / "last.ckpt") if resume else 0
+    start_epoch = checkpoint_epoch(workdir / LIGHTLY_LAST_CHECKPOINT) if resume else 0
     if not (workdir / DONE_MARKER).is_file():
         seconds = pretrain(arguments, paths.processed_megadepth, workdir, resume)
     stats = {
