@@ -57,7 +57,7 @@ def test_load_params__committed_file_is_valid() -> None:
         ({"seed": -1}, "seed: -1 is below the minimum 0"),
         (
             {"preprocess": {"val_fraction": 0.01}},
-            "preprocess.val_fraction 0.01 of data.synthetic.train_scenes 8 holds out 0 scene",
+            "preprocess.val_fraction 0.01 of data.synthetic.train_scenes 16 holds out 0 scene",
         ),
         ({"finetune": {"trainer": {"devices": 0}}}, "finetune.trainer.devices: 0 is below"),
         ({"depth": {"min_depth": 10.0, "max_depth": 5.0}}, "depth.min_depth must be below"),

