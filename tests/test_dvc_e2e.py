@@ -157,7 +157,8 @@ def chart_series(plots_json: dict) -> dict[str, dict[str, int]]:
             if render["type"] != "vega":
                 continue
             for row in render["content"]["data"]["values"]:
-                series = (row.get("filename") or row["filename::field"]).split("::")[0]
+                source = row.get("filename") or row.get("filename::field") or name
+                series = source.split("::")[0]
                 charts.setdefault(name, {}).setdefault(series, 0)
                 charts[name][series] += 1
     return charts
@@ -168,8 +169,11 @@ def test_plots__comparison_charts_hold_both_models_and_the_prior(
 ) -> None:
     root, _ = reproduced
     charts = chart_series(json.loads(dvc("plots", "show", "--json", cwd=root)))
-    # only the comparison charts are drawn: no per-file chart of an epoch counter or a constant
-    assert set(charts) == set(COMPARISONS), sorted(charts)
+    # only the comparison charts and the per-image scatter are drawn: no per-file chart of an
+    # epoch counter or a constant
+    scatter = "metrics/evaluate_per_image.csv"
+    assert set(charts) == {*COMPARISONS, scatter}, sorted(charts)
+    assert sum(charts[scatter].values()) == 3  # TINY: one point per test image
     for name, expected in COMPARISONS.items():
         assert set(charts[name]) == expected, (name, charts[name])
         assert all(points >= 1 for points in charts[name].values()), (name, charts[name])

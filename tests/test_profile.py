@@ -28,6 +28,8 @@ def test_profile__tutorial_then_demo_round_trips(project: Path) -> None:
     assert (tutorial.pretrain.epochs, tutorial.finetune.epochs) == (500, 50)
     assert tutorial.finetune.trainer.accelerator == "gpu"
     assert tutorial.finetune.trainer.devices == 4
+    # the tutorial's scale, with the depth-consistent crop (not the tutorial's crop)
+    assert tutorial.finetune.augment.scale_depth is True
     text = (project / "params.yaml").read_text()
     assert "# The pretraining preset this experiment studies" in text  # comments survive
     apply_profile(project / "params.yaml", project / "profiles" / "demo.yaml")

@@ -133,6 +133,11 @@ class ProjectPaths:
         return self.root / "metrics" / "evaluate.json"
 
     @property
+    def evaluate_per_image(self) -> Path:
+        """Each test image's metrics per model (CSV): the scatter plot and bootstrap's input."""
+        return self.root / "metrics" / "evaluate_per_image.csv"
+
+    @property
     def evaluate_live(self) -> Path:
         return self.root / "dvclive" / "evaluate"
 
@@ -219,6 +224,6 @@ def stage_io(stage: str, item: str | None = None, *, aug: str | None = None) -> 
                 p.finetune_dir(aug),
             ),
             metrics=rel(p.evaluate_metrics),
-            plots=rel(p.evaluate_images),
+            plots=rel(p.evaluate_per_image, p.evaluate_images),
         )
     raise ValueError(f"stage_io: unknown stage {stage!r} (have: {', '.join(STAGES)})")

@@ -34,8 +34,23 @@ def test_evaluate__writes_fixed_keys_and_pictures(scored_project: Path) -> None:
         "delta3",
     }
     assert set(report["encoder"]) == set(report["scratch"]) == set(report["prior"]) == names
-    assert set(report["improvement"]) == {"abs_rel", "delta1"}
-    assert report["test_images"] == 3
+    assert set(report["improvement"]) == {
+        "abs_rel",
+        "delta1",
+        "abs_rel_low",
+        "abs_rel_high",
+        "delta1_low",
+        "delta1_high",
+    }
+    assert report["test_images"] == 3 and report["test_scans"] == 1
+    # one scan: no interval can be had, and none is claimed
+    assert report["improvement"]["abs_rel_low"] is None
+    rows = paths.evaluate_per_image.read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:2] == ["image", "scan"] and len(rows) == 1 + 3
+    column = header.index("encoder_abs_rel")
+    per_image = [float(row.split(",")[column]) for row in rows[1:]]
+    assert sum(per_image) / 3 == pytest.approx(report["encoder"]["abs_rel"], rel=1e-4)
     enc, base = report["encoder"]["abs_rel"], report["scratch"]["abs_rel"]
     assert report["improvement"]["abs_rel"] == pytest.approx((base - enc) / base)
     images = paths.evaluate_live / "plots" / "images"
@@ -115,3 +130,23 @@ def test_evaluate__missing_model_named(scored_project: Path, tmp_path: Path) -> 
     write_params(tmp_path)
     result = run_module("depthpipe.stages.evaluate", cwd=tmp_path)
     assert result.returncode == 2 and "model.json: model description not found" in result.stderr
+
+
+def test_improvement_intervals__paired_by_scan_and_signed_like_the_improvement() -> None:
+    """Two scans: the encoder's abs_rel is 20% under scratch's on every image."""
+    per_image = [
+        evaluate.ImageScores(
+            f"img{i}",
+            f"scan_{i % 4}",
+            {
+                "encoder": {"abs_rel": 0.8 * (0.3 + 0.1 * i), "delta1": 0.5},
+                "scratch": {"abs_rel": 0.3 + 0.1 * i, "delta1": 0.4 + 0.01 * i},
+                "prior": {"abs_rel": 1.0, "delta1": 0.1},
+            },
+        )
+        for i in range(12)
+    ]
+    bounds = evaluate.improvement_intervals(per_image, seed=0)
+    assert bounds["abs_rel_low"] == pytest.approx(0.2) == bounds["abs_rel_high"]
+    assert bounds["delta1_low"] is not None and bounds["delta1_high"] is not None
+    assert 0 < bounds["delta1_low"] <= bounds["delta1_high"]  # 0.5 beats 0.40-0.51 on average

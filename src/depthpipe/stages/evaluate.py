@@ -40,7 +40,7 @@ from depthpipe.data.diode import BadSample, Sample, SampleFiles
 from depthpipe.data.diode import read_sample as read_raw_sample
 from depthpipe.data.packed import PackedDepthDataset, read_index
 from depthpipe.errors import DepthpipeError, run_cli
-from depthpipe.metrics import METRIC_NAMES, average_metrics, depth_metrics
+from depthpipe.metrics import HIGHER_IS_BETTER, METRIC_NAMES, average_metrics, depth_metrics
 from depthpipe.model import DepthNet, ModelSpec, load_finetuned, predict_depth
 from depthpipe.paths import (
     DIODE_VAL_SPLIT,
@@ -52,7 +52,9 @@ from depthpipe.paths import (
 )
 from depthpipe.plots import comparison_chart, prediction_grid  # also selects the Agg backend
 from depthpipe.prior import mean_log_depth, prior_depth
+from depthpipe.stats import paired_cluster_bootstrap
 
+IMPROVEMENT_METRICS = ("abs_rel", "delta1")  # the encoder-vs-scratch gains reported
 MODELS = ("encoder", "scratch", "prior")  # "prior" is no network: see depthpipe.prior
 
 Model = tuple[DepthNet, ModelSpec]
@@ -63,6 +65,7 @@ T = TypeVar("T")
 @dataclass
 class TestImage:
     name: str
+    scan: str  # views of one scan overlap: the unit the bootstrap resamples
     image: np.ndarray  # (H, W, 3) uint8, full resolution
     depth: np.ndarray  # (H, W) float32 metres
     valid: np.ndarray  # (H, W) bool
@@ -132,6 +135,7 @@ def predict_batch(
     for i, ((name, _), sample) in enumerate(zip(batch, samples, strict=True)):
         yield TestImage(
             name=name,
+            scan=batch[i][1].scan,
             image=sample.image,
             depth=sample.depth,
             valid=valid_pixels(sample, depth),
@@ -170,24 +174,74 @@ def keep_first(images: Iterable[T], kept: list[T], count: int) -> Iterator[T]:
         yield image
 
 
-def score(images: Iterable[TestImage], params: Params) -> tuple[dict[str, dict[str, float]], int]:
-    """Average metrics per model over the images that have at least one valid pixel.
+@dataclass(frozen=True)
+class ImageScores:
+    """One scored test image: its scan and each model's metrics."""
 
-    Consumes ``images`` one at a time: each is scored, then free to go.
+    name: str
+    scan: str
+    metrics: dict[str, dict[str, float]]  # model -> metric -> value
+
+
+def score(images: Iterable[TestImage], params: Params) -> tuple[dict[str, dict[str, float]], int]:
+    """Average metrics per model over the images that have at least one valid pixel."""
+    averages, per_image = score_images(images, params)
+    return averages, len(per_image)
+
+
+def score_images(
+    images: Iterable[TestImage], params: Params
+) -> tuple[dict[str, dict[str, float]], list[ImageScores]]:
+    """Per-model averages and per-image scores, over the images with a valid pixel.
+
+    An image counts for every model or for none (the comparison stays paired). Consumes
+    ``images`` one at a time: each is scored, then free to go.
     """
     lo, hi = params.depth.min_depth, params.depth.max_depth
-    per_image: dict[str, list[dict[str, float]]] = {model: [] for model in MODELS}
+    per_image: list[ImageScores] = []
     for im in images:
         if not im.valid.any():
             continue
-        for model in MODELS:
-            per_image[model].append(
-                depth_metrics(im.predictions[model], im.depth, im.valid, lo, hi)
-            )
-    count = len(per_image[MODELS[0]])
-    if not count:
+        metrics = {m: depth_metrics(im.predictions[m], im.depth, im.valid, lo, hi) for m in MODELS}
+        per_image.append(ImageScores(im.name, im.scan, metrics))
+    if not per_image:
         raise DepthpipeError("evaluate: no test image has a valid pixel")
-    return {model: average_metrics(scores) for model, scores in per_image.items()}, count
+    averages = {m: average_metrics([s.metrics[m] for s in per_image]) for m in MODELS}
+    return averages, per_image
+
+
+def improvement_intervals(per_image: list[ImageScores], seed: int) -> dict[str, float | None]:
+    """95% scan-level paired bootstrap intervals of the encoder's relative gain over scratch,
+    with the same sign as ``improvement.*`` (positive = the encoder is better).
+
+    With a single scan every resample is the same and the interval would collapse to a point,
+    claiming a certainty the data cannot give: the bounds are then null (DVC shows "-").
+    """
+    scans = [s.scan for s in per_image]
+    bounds: dict[str, float | None] = {}
+    for metric in IMPROVEMENT_METRICS:
+        if len(set(scans)) < 2:
+            bounds[f"{metric}_low"] = bounds[f"{metric}_high"] = None
+            continue
+        interval = paired_cluster_bootstrap(
+            [s.metrics["encoder"][metric] for s in per_image],
+            [s.metrics["scratch"][metric] for s in per_image],
+            scans,
+            higher_is_better=HIGHER_IS_BETTER[metric],
+            seed=seed,
+        )
+        bounds[f"{metric}_low"], bounds[f"{metric}_high"] = interval.low, interval.high
+    return bounds
+
+
+def per_image_table(per_image: list[ImageScores]) -> str:
+    """CSV, one row per scored test image: what the scatter plot and later studies read."""
+    columns = [f"{m}_{metric}" for m in MODELS for metric in IMPROVEMENT_METRICS]
+    lines = [",".join(["image", "scan", *columns])]
+    for s in per_image:
+        values = [f"{s.metrics[m][metric]:.6g}" for m in MODELS for metric in IMPROVEMENT_METRICS]
+        lines.append(",".join([s.name, s.scan, *values]))
+    return "\n".join(lines) + "\n"
 
 
 def relative_improvement(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -222,19 +276,27 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
         paths, nets, batch_size=params.evaluate.batch_size, depth=params.depth
     )
     shown: list[TestImage] = []
-    results, count = score(keep_first(images, shown, params.evaluate.grid_images), params)
+    results, per_image = score_images(
+        keep_first(images, shown, params.evaluate.grid_images), params
+    )
     report = {
         **{model: {k: results[model][k] for k in METRIC_NAMES} for model in MODELS},
-        "improvement": relative_improvement(results),
-        "test_images": count,
+        "improvement": {
+            **relative_improvement(results),
+            **improvement_intervals(per_image, params.seed),
+        },
+        "test_images": len(per_image),
+        "test_scans": len({s.scan for s in per_image}),
     }
     labels = {
         "encoder": f"{params.aug} encoder",
         "scratch": "scratch",
         "prior": "prior (sees no pixel)",
     }
-    with atomic_outputs(paths.evaluate_metrics, paths.evaluate_live) as (metrics_file, live_dir):
+    outs = (paths.evaluate_metrics, paths.evaluate_per_image, paths.evaluate_live)
+    with atomic_outputs(*outs) as (metrics_file, table_file, live_dir):
         metrics_file.write_text(json.dumps(report, indent=2) + "\n")
+        table_file.write_text(per_image_table(per_image))
         log_pictures(
             live_dir,
             prediction_grid(shown, labels, params.depth),
