@@ -175,3 +175,45 @@ def test_depth_module__bf16_autocast_training_step_on_cuda() -> None:
     assert grads and all(torch.isfinite(g).all() for g in grads)
     # the weights stay fp32 (mixed precision, not a bf16 model)
     assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def test_depth_module__frozen_encoder_stays_fixed_while_the_decoder_trains() -> None:
+    """finetune.freeze_encoder: one optimiser step moves the decoder only, and the encoder's
+    batch-norm statistics do not adapt to the batch either."""
+    from depthpipe.model import DepthModule
+
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet18", 32, 48, 0.6, 350.0)
+    module = DepthModule(
+        build_unet(build_resnet("resnet18"), spec),
+        loss="l1_log",
+        optimizer="adamw",
+        lr=1e-3,
+        schedule="constant",
+        weight_decay=0.0,
+        min_depth=0.6,
+        max_depth=350.0,
+        freeze_encoder=True,
+    )
+    module.train()
+    assert not module.encoder().training and module.net.unet.layers[-1].training
+    encoder_before = {k: v.clone() for k, v in module.encoder().state_dict().items()}
+    encoder_ids = {id(p) for p in module.encoder().parameters()}
+    decoder = [p for p in module.parameters() if id(p) not in encoder_ids]
+    decoder_before = [p.clone() for p in decoder]
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not trained & encoder_ids and trained == {id(p) for p in decoder}
+    batch = {
+        "image": torch.rand(2, 3, 32, 48),
+        "depth": torch.full((2, 1, 32, 48), 12.0),
+        "mask": torch.ones(2, 1, 32, 48, dtype=torch.bool),
+    }
+    _, loss = module._loss(batch)
+    assert loss is not None
+    loss.backward()
+    optimizer.step()
+    for key, value in module.encoder().state_dict().items():
+        assert torch.equal(value, encoder_before[key]), key  # weights and running statistics
+    assert any(not torch.equal(a, b) for a, b in zip(decoder, decoder_before, strict=True))

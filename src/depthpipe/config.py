@@ -66,6 +66,8 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
+    # The data's randomness only: synthetic scenes and the train/validation scene split.
+    seed: Annotated[int, _between(0, 2**31 - 1)]
     source: Literal["synthetic", "official", "local"]
     synthetic: SyntheticConfig
 
@@ -197,6 +199,9 @@ class FinetuneConfig(Section):
     lr: Annotated[float, _between(1e-8, 10.0)]  # peak learning rate under one_cycle
     schedule: Literal["one_cycle", "constant"]
     weight_decay: Annotated[float, _between(0.0, 1.0)]
+    # true: the encoder (pretrained or random) is fixed and only the decoder trains, which
+    # measures what the representation carries instead of letting fine-tuning wash it out.
+    freeze_encoder: bool
     augment: FinetuneAugment
     trainer: TrainerConfig
 

@@ -110,6 +110,7 @@ class DepthHParams:
     weight_decay: float
     min_depth: float  # metres
     max_depth: float
+    freeze_encoder: bool  # only the decoder trains
 
 
 class DepthModule(pl.LightningModule):
@@ -124,6 +125,7 @@ class DepthModule(pl.LightningModule):
         weight_decay: float,
         min_depth: float,
         max_depth: float,
+        freeze_encoder: bool = False,
     ) -> None:
         super().__init__()
         # The network is not a hyper-parameter: without ignore it would be pickled into hparams.
@@ -137,8 +139,25 @@ class DepthModule(pl.LightningModule):
             weight_decay=weight_decay,
             min_depth=min_depth,
             max_depth=max_depth,
+            freeze_encoder=freeze_encoder,
         )
         self.net = DepthNet(unet)
+        if freeze_encoder:
+            self.encoder().requires_grad_(False)
+
+    def encoder(self) -> nn.Module:
+        """The ResNet body inside the U-Net (DynamicUnet's first layer)."""
+        layers = self.net.unet.layers
+        assert isinstance(layers, nn.ModuleList)  # DynamicUnet keeps its layers in a list
+        return layers[0]
+
+    def train(self, mode: bool = True) -> DepthModule:
+        """As nn.Module.train, but a frozen encoder stays in eval mode: its batch-norm
+        statistics are part of what is being probed and must not adapt either."""
+        super().train(mode)
+        if self.hp.freeze_encoder:
+            self.encoder().eval()
+        return self
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
@@ -209,7 +228,8 @@ class DepthModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hp
-        optimizer = make_optimizer(hp.optimizer, self.parameters(), hp.lr, hp.weight_decay)
+        trainable = (p for p in self.parameters() if p.requires_grad)
+        optimizer = make_optimizer(hp.optimizer, trainable, hp.lr, hp.weight_decay)
         if hp.schedule == "constant":
             return optimizer
         scheduler = one_cycle(optimizer, hp.lr, int(self.trainer.estimated_stepping_batches))

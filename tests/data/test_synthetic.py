@@ -11,6 +11,7 @@ from depthpipe.config import load_params
 from depthpipe.data import diode, synthetic
 from depthpipe.paths import project_paths
 from depthpipe.stages import fetch
+from tests.helpers import write_params
 
 NAME = re.compile(r"^(\d{5})_(\d{5})_outdoor_(\d{3})_(\d{3})$")
 
@@ -32,6 +33,24 @@ def test_fetch__same_params_give_byte_identical_files(tiny_project: Path, tmp_pa
         fetch.run(load_params(paths.params), paths)
     for sub in ("data/raw/diode", "data/raw/megadepth"):
         assert _digest(tiny_project / sub) == _digest(other / sub)
+
+
+def test_fetch__training_seed_leaves_the_data_alone(tmp_path: Path) -> None:
+    """`seed` is training randomness only; `data.seed` alone changes the scenes."""
+    digests = {}
+    for name, override in (
+        ("base", {}),
+        ("training_seed", {"seed": 1}),
+        ("data_seed", {"data": {"seed": 1}}),
+    ):
+        root = tmp_path / name
+        root.mkdir()
+        write_params(root, override)
+        paths = project_paths(root)
+        fetch.run(load_params(paths.params), paths)
+        digests[name] = _digest(paths.raw_diode)
+    assert digests["training_seed"] == digests["base"]
+    assert digests["data_seed"] != digests["base"]
 
 
 def test_render__pinned_digest() -> None:

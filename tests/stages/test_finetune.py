@@ -126,7 +126,11 @@ def test_finetune__short_run_lowers_validation_loss_and_is_deterministic(
 
     live = paths.finetune_live("scratch")
     metrics = json.loads((live / "metrics.json").read_text())
-    assert set(metrics["val"]) == {"loss", "abs_rel", "delta1"}
+    assert set(metrics["val"]) == {"loss", "abs_rel", "delta1", "prior_abs_rel", "prior_delta1"}
+    assert metrics["val"]["prior_abs_rel"] > 0 and set(metrics["train"]) == {
+        "loss",
+        "empty_samples",
+    }
     assert 0.0 <= metrics["perf"]["data_wait_fraction"] < 1.0
     assert summary["best_val_abs_rel"] == pytest.approx(
         min(

@@ -30,7 +30,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, int]:
                 cfg.scans_per_scene,
                 cfg.views_per_scan,
                 size,
-                params.seed,
+                params.data.seed,
             ),
             "diode_val": synthetic.write_diode_split(
                 diode_dir,
@@ -39,14 +39,14 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, int]:
                 cfg.scans_per_scene,
                 cfg.views_per_scan,
                 size,
-                params.seed,
+                params.data.seed,
             ),
             "megadepth": synthetic.write_megadepth(
                 megadepth_dir,
                 cfg.megadepth_scenes,
                 cfg.megadepth_images_per_scene,
                 cfg.megadepth_long_side,
-                params.seed,
+                params.data.seed,
             ),
         }
     return counts

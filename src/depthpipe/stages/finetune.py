@@ -166,6 +166,7 @@ def build_module(params: Params, paths: ProjectPaths, name: str) -> tuple[DepthM
         weight_decay=cfg.weight_decay,
         min_depth=spec.min_depth,
         max_depth=spec.max_depth,
+        freeze_encoder=cfg.freeze_encoder,
     )
     return module, spec
 

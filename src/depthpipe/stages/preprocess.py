@@ -109,7 +109,7 @@ def preprocess_diode(
         if not found:
             raise DepthpipeError(f"{raw / split / diode.DOMAIN}: no DIODE samples found")
     train_scenes, val_scenes = split_scenes(
-        [s.scene for s in train_all], params.preprocess.val_fraction, params.seed
+        [s.scene for s in train_all], params.preprocess.val_fraction, params.data.seed
     )
     parts = {
         TRAIN_SPLIT: [s for s in train_all if s.scene in train_scenes],
