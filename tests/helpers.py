@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from depthpipe.encoders import build_resnet
-from depthpipe.model import DepthNet, ModelSpec, build_unet
+from depthpipe.model import DepthNet, ModelSpec, build_unet, save_finetuned
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,4 @@ LOW_RES = {"preprocess": {"height": 24, "width": 32}}  # model input at half the
 def save_untrained_model(folder: Path, spec: ModelSpec, seed: int) -> None:
     """A real network folder (model.pt + model.json) as finetune writes it, without training."""
     torch.manual_seed(seed)
-    net = DepthNet(build_unet(build_resnet(spec.arch), spec))
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), folder / "model.pt")
-    spec.save(folder / "model.json")
+    save_finetuned(DepthNet(build_unet(build_resnet(spec.arch), spec)), spec, folder)

@@ -1,4 +1,4 @@
-"""dvc.yaml agrees with the code: stage names, source deps, params, and every data path.
+"""dvc.yaml agrees with the code: stage names, source deps, where `aug` is read, every data path.
 
 ``pipeline_problems`` takes a dvc.yaml file, lets DVC itself resolve it (``foreach``, ``${key}``,
 ``${item}``, ``${aug}``) against the committed params.yaml, and compares every stage exactly with
@@ -33,7 +33,7 @@ STAGE_MODULES = {
     "evaluate": "depthpipe.stages.evaluate",
 }
 # Imported by every module but carry no behaviour that changes outputs.
-NEUTRAL = {"depthpipe", "depthpipe.errors", "depthpipe.paths"}
+NEUTRAL = {"depthpipe", "depthpipe.errors"}
 # ProjectPaths members that are no pipeline data: the project folder, the params file (a DVC
 # params dep, not a path dep) and pretrain's resumable working folder (outside every output).
 NEUTRAL_MEMBERS = {"root", "params", "pretrain_workdir"}

@@ -75,10 +75,12 @@ def test_loss_at_initialisation__equals_what_the_output_implies(project: Path, l
     with torch.no_grad():
         log_pred, value = module._loss(batch)
     assert value is not None
-    valid = module.valid_pixels(batch).numpy()
-    expected = _expected_loss(
-        loss, log_pred.double().numpy(), batch["depth"].double().numpy(), valid
-    )
+    # the valid pixels from their definition, not from the code under test
+    depth = batch["depth"].double().numpy()
+    lo_m, hi_m = params.depth.min_depth, params.depth.max_depth
+    valid = batch["mask"].numpy() & (depth >= lo_m) & (depth <= hi_m)
+    assert 0 < valid.sum() < valid.size  # the batch has sky to mask out
+    expected = _expected_loss(loss, log_pred.double().numpy(), depth, valid)
     assert float(value) == pytest.approx(expected, rel=1e-4)
     # A fresh head is not saturated: its sigmoid sits near the middle of [ln min, ln max], where
     # gradients flow (a saturated head has zero gradient and never trains).
@@ -163,9 +165,9 @@ def _oracle_scores(root: Path, spec: ModelSpec) -> tuple[dict[str, dict[str, flo
     oracle = Oracle(images, np.asarray(arrays["depth"]), np.asarray(arrays["mask"]))
     nets = {model: (oracle, spec) for model in ("encoder", "scratch")}
     scored = evaluate.predict_test_images(paths, nets, batch_size=2, depth=params.depth)
-    results, count = evaluate.score(scored, params)
-    assert count == len(test)
-    return results, count
+    results, per_image = evaluate.score_images(scored, params)
+    assert len(per_image) == len(test)
+    return results, len(per_image)
 
 
 def test_evaluate_path__scores_the_ground_truth_at_its_own_size_as_perfect(

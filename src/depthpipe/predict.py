@@ -33,6 +33,7 @@ from depthpipe.atomic import atomic_file
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.model import DepthNet, DepthPrediction, ModelSpec, load_finetuned, predict_depth
 from depthpipe.paths import MODEL_WEIGHTS, is_image
+from depthpipe.plots import DEPTH_CMAP  # one colour map for depth everywhere
 
 # Larger inputs are skipped: 200 MP decode to 0.8 GB of RGB and give 0.8 GB of float32 depth.
 # It replaces PIL's decompression-bomb limit in main() (PIL's default refuses 179 MP).
@@ -40,7 +41,6 @@ MAX_PIXELS = 200_000_000
 STRIP_PIXELS = 4_000_000  # full-resolution pixels upsampled, written and coloured at a time
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # "I": 16-bit PNGs in older Pillow
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-DEPTH_CMAP = "magma_r"  # near = bright
 
 
 class SkippedPhoto(Exception):

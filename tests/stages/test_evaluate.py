@@ -80,7 +80,7 @@ def test_evaluate__predictions_at_ground_truth_resolution(scored_project: Path) 
     assert first.predictions["scratch"].shape == first.depth.shape == (48, 64)  # scored at raw
     raw_depth = np.load(paths.raw_diode / test.index["samples"][0]["depth"])[..., 0]
     np.testing.assert_array_equal(first.depth, raw_depth)  # the ground truth is never resized
-    results, _ = evaluate.score(images, params)
+    results, _ = evaluate.score_images(images, params)
     expected = np.mean(
         [depth_metrics(im.predictions["scratch"], im.depth, im.valid)["abs_rel"] for im in images]
     )
@@ -133,7 +133,7 @@ def test_evaluate__missing_model_named(scored_project: Path, tmp_path: Path) -> 
 
 
 def test_improvement_intervals__paired_by_scan_and_signed_like_the_improvement() -> None:
-    """Two scans: the encoder's abs_rel is 20% under scratch's on every image."""
+    """Four scans: the encoder's abs_rel is 20% under scratch's on every image."""
     per_image = [
         evaluate.ImageScores(
             f"img{i}",

@@ -7,7 +7,7 @@ and each view of a scan looks in another direction with a small random pitch and
 
 Everything random comes from ``numpy.random.default_rng`` seeded by (seed, scene, scan, view),
 and all arithmetic is float64 before quantising to the file's dtype, so the same params give
-byte-identical files (tests/test_synthetic.py pins a digest).
+byte-identical files (tests/data/test_synthetic.py pins a digest).
 """
 
 from __future__ import annotations

@@ -186,12 +186,6 @@ class ImageScores:
     metrics: dict[str, dict[str, float]]  # model -> metric -> value
 
 
-def score(images: Iterable[TestImage], params: Params) -> tuple[dict[str, dict[str, float]], int]:
-    """Average metrics per model over the images that have at least one valid pixel."""
-    averages, per_image = score_images(images, params)
-    return averages, len(per_image)
-
-
 def score_images(
     images: Iterable[TestImage], params: Params
 ) -> tuple[dict[str, dict[str, float]], list[ImageScores]]:
