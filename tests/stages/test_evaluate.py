@@ -42,6 +42,16 @@ def test_evaluate__writes_fixed_keys_and_pictures(scored_project: Path) -> None:
         "delta1_low",
         "delta1_high",
     }
+    assert set(report["over_prior"]) == {
+        f"{model}_{metric}{bound}"
+        for model in ("encoder", "scratch")
+        for metric in ("abs_rel", "delta1")
+        for bound in ("", "_low", "_high")
+    }
+    prior_abs_rel = report["prior"]["abs_rel"]
+    assert report["over_prior"]["scratch_abs_rel"] == pytest.approx(
+        (prior_abs_rel - report["scratch"]["abs_rel"]) / prior_abs_rel
+    )
     assert report["test_images"] == 3 and report["test_scans"] == 1
     # one scan: no interval can be had, and none is claimed
     assert report["improvement"]["abs_rel_low"] is None
@@ -150,3 +160,33 @@ def test_improvement_intervals__paired_by_scan_and_signed_like_the_improvement()
     assert bounds["abs_rel_low"] == pytest.approx(0.2) == bounds["abs_rel_high"]
     assert bounds["delta1_low"] is not None and bounds["delta1_high"] is not None
     assert 0 < bounds["delta1_low"] <= bounds["delta1_high"]  # 0.5 beats 0.40-0.51 on average
+
+
+def test_over_prior__each_network_against_the_floor() -> None:
+    """Scratch halves the prior's abs_rel on every image of three scans: gain 0.5, and the
+    interval excludes zero; the encoder equals the prior: gain 0, interval [0, 0]."""
+    per_image = [
+        evaluate.ImageScores(
+            f"img{i}",
+            f"scan_{i % 3}",
+            {
+                "encoder": {"abs_rel": 0.2 + 0.05 * i, "delta1": 0.3},
+                "scratch": {"abs_rel": 0.5 * (0.2 + 0.05 * i), "delta1": 0.6},
+                "prior": {"abs_rel": 0.2 + 0.05 * i, "delta1": 0.3},
+            },
+        )
+        for i in range(9)
+    ]
+    results = {
+        model: {
+            metric: sum(s.metrics[model][metric] for s in per_image) / 9
+            for metric in ("abs_rel", "delta1")
+        }
+        for model in ("encoder", "scratch", "prior")
+    }
+    gains = evaluate.over_prior(results, per_image, seed=0)
+    assert gains["scratch_abs_rel"] == pytest.approx(0.5)
+    assert gains["scratch_abs_rel_low"] == pytest.approx(0.5)  # the same ratio in every scan
+    assert gains["scratch_delta1"] == pytest.approx(1.0) and gains["scratch_delta1_low"] > 0
+    assert gains["encoder_abs_rel"] == pytest.approx(0.0)
+    assert gains["encoder_abs_rel_low"] == pytest.approx(0.0) == gains["encoder_abs_rel_high"]

@@ -14,8 +14,9 @@ Beside the two networks, ``prior.*`` scores the floor to beat: the training spli
 log depth, resized to each test image, a guess that looks at no pixel of it (depthpipe.prior).
 
 metrics/evaluate.json has keys that do not depend on ``aug`` (``encoder.*``, ``scratch.*``,
-``prior.*``, ``improvement.*``), so ``dvc exp show`` lines experiments up column by column.
-Pictures go to dvclive/evaluate/plots/images/.
+``prior.*``, ``improvement.*`` and ``over_prior.*`` with scan-level bootstrap intervals), so
+``dvc exp show`` lines experiments up column by column. Pictures go to
+dvclive/evaluate/plots/images/; the per-image scores to metrics/evaluate_per_image.csv.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from depthpipe.paths import (
 )
 from depthpipe.plots import comparison_chart, prediction_grid  # also selects the Agg backend
 from depthpipe.prior import mean_log_depth, prior_depth
-from depthpipe.stats import paired_cluster_bootstrap
+from depthpipe.stats import paired_cluster_bootstrap, relative_gain
 
 # Fixed, not params.seed: the interval is a function of the per-image scores alone, and
 # evaluate does not depend on the training seed.
@@ -207,9 +208,12 @@ def score_images(
     return averages, per_image
 
 
-def improvement_intervals(per_image: list[ImageScores], seed: int) -> dict[str, float | None]:
-    """95% scan-level paired bootstrap intervals of the encoder's relative gain over scratch,
-    with the same sign as ``improvement.*`` (positive = the encoder is better).
+def gain_intervals(
+    per_image: list[ImageScores], candidate: str, baseline: str, seed: int
+) -> dict[str, float | None]:
+    """95% scan-level paired bootstrap intervals of ``candidate``'s relative gain over
+    ``baseline`` per metric (``<metric>_low``, ``<metric>_high``), with the sign of
+    ``improvement.*``: positive = the candidate is better.
 
     With a single scan every resample is the same and the interval would collapse to a point,
     claiming a certainty the data cannot give: the bounds are then null (DVC shows "-").
@@ -221,14 +225,38 @@ def improvement_intervals(per_image: list[ImageScores], seed: int) -> dict[str, 
             bounds[f"{metric}_low"] = bounds[f"{metric}_high"] = None
             continue
         interval = paired_cluster_bootstrap(
-            [s.metrics["encoder"][metric] for s in per_image],
-            [s.metrics["scratch"][metric] for s in per_image],
+            [s.metrics[candidate][metric] for s in per_image],
+            [s.metrics[baseline][metric] for s in per_image],
             scans,
             higher_is_better=HIGHER_IS_BETTER[metric],
             seed=seed,
         )
         bounds[f"{metric}_low"], bounds[f"{metric}_high"] = interval.low, interval.high
     return bounds
+
+
+def improvement_intervals(per_image: list[ImageScores], seed: int) -> dict[str, float | None]:
+    """The encoder over scratch: the intervals of ``improvement.*``."""
+    return gain_intervals(per_image, "encoder", "scratch", seed)
+
+
+def over_prior(
+    results: dict[str, dict[str, float]], per_image: list[ImageScores], seed: int
+) -> dict[str, float | None]:
+    """Each network's relative gain over the prior, with its interval: above zero (low > 0)
+    the network has learned more than where things usually are in the frame."""
+    gains: dict[str, float | None] = {}
+    for model in ("encoder", "scratch"):
+        for metric in IMPROVEMENT_METRICS:
+            gain = relative_gain(
+                np.array(results[model][metric]),
+                np.array(results["prior"][metric]),
+                HIGHER_IS_BETTER[metric],
+            )
+            gains[f"{model}_{metric}"] = float(gain)
+        for key, bound in gain_intervals(per_image, model, "prior", seed).items():
+            gains[f"{model}_{key}"] = bound
+    return gains
 
 
 def per_image_table(per_image: list[ImageScores]) -> str:
@@ -282,6 +310,7 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
             **relative_improvement(results),
             **improvement_intervals(per_image, BOOTSTRAP_SEED),
         },
+        "over_prior": over_prior(results, per_image, BOOTSTRAP_SEED),
         "test_images": len(per_image),
         "test_scans": len({s.scan for s in per_image}),
     }
