@@ -425,3 +425,54 @@ def test_exp_run__other_aug_reruns_only_its_finetune_and_evaluate(
     # the experiment's model came through the S3 remote, not from a run
     assert (other / "models" / "finetune" / "aggressive" / "model.pt").is_file()
     assert "try-aggressive" in dvc("exp", "list", cwd=other)
+
+
+def _exp_metrics(root: Path) -> dict[tuple[str, int], float]:
+    """(aug, seed) -> encoder abs_rel of every run, read through the CLI's JSON (not the API)."""
+    found: dict[tuple[str, int], float] = {}
+    for row in json.loads(dvc("exp", "show", "--json", cwd=root)):
+        for exp in [row, *[e for group in row.get("experiments") or [] for e in group["revs"]]]:
+            data = exp.get("data") or {}
+            if data.get("rev") == "workspace" or exp.get("rev") == "workspace":
+                continue
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+            if params and metrics:
+                found[(params["aug"], params["seed"])] = metrics["encoder"]["abs_rel"]
+    return found
+
+
+def test_study__reads_real_experiments(reproduced: tuple[Path, str], tmp_path: Path) -> None:
+    """The last test of the module: a second training seed for both presets, then the study
+    over the baseline (conservative, seed 0), try-aggressive (seed 0) and these two."""
+    root, _ = reproduced
+    for aug in ("conservative", "aggressive"):
+        dvc("exp", "run", "-S", f"aug={aug}", "-S", "seed=1", cwd=root)
+    runs = _exp_metrics(root)
+    assert set(runs) >= {(a, s) for a in ("aggressive", "conservative") for s in (0, 1)}, runs
+    out = tmp_path / "study"
+    study = subprocess.run(
+        [sys.executable, "-m", "depthpipe.study", "--out", str(out)],
+        cwd=root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert study.returncode == 0, study.stderr[-3000:]
+    result = study.stdout
+    for aug in ("aggressive", "conservative"):
+        mean = (runs[(aug, 0)] + runs[(aug, 1)]) / 2
+        assert f"| {aug} | 2 | {mean:.4f} ± " in result, result
+    assert "| aggressive - conservative | abs_rel | 2 |" in result
+    assert (out / "study.md").read_text() == result
+    assert (out / "study.png").stat().st_size > 10_000
+    missing = subprocess.run(
+        [sys.executable, "-m", "depthpipe.study", "--by", "finetune.lrr"],
+        cwd=root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2 and "--by finetune.lrr: no such param" in missing.stderr

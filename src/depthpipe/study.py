@@ -80,16 +80,18 @@ class Difference:
 
 
 def read_runs(repo: str | None, by: Sequence[str]) -> tuple[list[Run], list[str]]:
-    """Runs with a complete metrics file, and a note for each experiment left out."""
+    """The project's runs (``dvc.api.exp_show``), see ``runs_from_rows``."""
     import dvc.api
 
-    rows = [
-        row
-        for row in dvc.api.exp_show(repo=repo)
-        if row.get("typ") in RUN_TYPES and row.get("rev") != "workspace"
-    ]
+    return runs_from_rows(dvc.api.exp_show(repo=repo), by, where=repo or "this project")
+
+
+def runs_from_rows(
+    rows: list[dict[str, Any]], by: Sequence[str], where: str = "the project"
+) -> tuple[list[Run], list[str]]:
+    """Runs with a complete metrics file, and a note for each experiment left out."""
+    rows = [row for row in rows if row.get("typ") in RUN_TYPES and row.get("rev") != "workspace"]
     if not rows:
-        where = repo or "this project"
         raise DepthpipeError(
             f"no experiments in {where}: queue some with "
             "dvc exp run --queue -S 'aug=aggressive,conservative' -S 'seed=0,1,2'"
