@@ -1,0 +1,138 @@
+"""How fast does fine-tuning learn, against the prior? One fine-tuning of scratch, measured.
+
+    python benchmarks/learning.py                       # the committed params.yaml
+    python benchmarks/learning.py --override '{"finetune": {"loss": "l1_log", "lr": 0.001}}'
+    python benchmarks/learning.py --override '{"finetune": {"augment": {"scale_depth": false}}}'
+
+Renders and packs the data of the (overridden) params in a temporary project, runs the real
+``init_scratch`` and ``finetune@scratch`` stages, then prints the validation curves beside the
+prior that sees no pixel, and the packed test split's abs_rel/delta1 at the training resolution
+for the network and the prior. This is how README's table "how the settings were chosen" was
+made (each row one run; about 2-8 minutes on 2 CPU cores). Data are reused across runs with the
+same data params (``--cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from depthpipe.cli import configure_environment  # noqa: E402
+from depthpipe.config import load_params  # noqa: E402
+from depthpipe.data.packed import PackedDepthDataset  # noqa: E402
+from depthpipe.metrics import average_metrics, depth_metrics  # noqa: E402
+from depthpipe.model import load_finetuned  # noqa: E402
+from depthpipe.paths import SCRATCH, TEST_SPLIT, TRAIN_SPLIT, project_paths  # noqa: E402
+from depthpipe.prior import mean_log_depth, prior_depth  # noqa: E402
+from depthpipe.stages import fetch, finetune, init_scratch, preprocess  # noqa: E402
+from tests.helpers import committed_params, deep_merge  # noqa: E402
+
+DATA_SECTIONS = ("data", "preprocess", "seed")  # what fetch, preprocess and init_scratch read
+
+
+def prepared_data(params: dict[str, Any], cache: Path) -> Path:
+    """A project folder with raw and packed data for ``params`` (made once per data params)."""
+    data_params = {key: params[key] for key in DATA_SECTIONS}
+    key = hashlib.sha256(json.dumps(data_params, sort_keys=True).encode()).hexdigest()[:12]
+    root = cache / key
+    if not (root / "data" / "processed" / "report.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        paths = project_paths(root)
+        loaded = load_params(paths.params)
+        start = time.perf_counter()
+        fetch.run(loaded, paths)
+        preprocess.run(loaded, paths)
+        print(f"data: rendered and packed in {time.perf_counter() - start:.0f} s", flush=True)
+    return root
+
+
+def curve(live: Path, name: str) -> list[float]:
+    rows = (live / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
+    return [round(float(row.split("\t")[1]), 3) for row in rows]
+
+
+def packed_test_scores(root: Path) -> dict[str, tuple[float, float]]:
+    """abs_rel and delta1 on the packed test split at the training resolution."""
+    paths = project_paths(root)
+    params = load_params(paths.params)
+    lo, hi = params.depth.min_depth, params.depth.max_depth
+    train = PackedDepthDataset(paths.packed_split(TRAIN_SPLIT)).arrays()
+    log_prior = mean_log_depth(train["depth"], train["mask"], lo, hi)
+    net, _ = load_finetuned(paths.finetune_dir(SCRATCH))
+    test = PackedDepthDataset(paths.packed_split(TEST_SPLIT))
+    scores: dict[str, list[dict[str, float]]] = {"network": [], "prior": []}
+    with torch.no_grad():
+        for i in range(len(test)):
+            sample = test[i]
+            depth = sample["depth"][0].numpy()
+            valid = sample["mask"][0].numpy() & (depth >= lo) & (depth <= hi)
+            if not valid.any():
+                continue
+            predicted = net(sample["image"][None])[0, 0].exp().numpy()
+            scores["network"].append(depth_metrics(predicted, depth, valid, lo, hi))
+            guess = prior_depth(log_prior, depth.shape)
+            scores["prior"].append(depth_metrics(guess, depth, valid, lo, hi))
+    return {
+        name: (round(avg["abs_rel"], 3), round(avg["delta1"], 3))
+        for name, avg in ((n, average_metrics(s)) for n, s in scores.items())
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--override", default="{}", help="JSON merged into params.yaml")
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "depthpipe-learning"
+    )
+    args = parser.parse_args()
+    params = deep_merge(committed_params(), json.loads(args.override))
+    data_root = prepared_data(params, args.cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        configure_environment(project_paths(root))
+        os.symlink(data_root / "data", root / "data")
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        paths = project_paths(root)
+        loaded = load_params(paths.params)
+        init_scratch.run(loaded, paths)
+        start = time.perf_counter()
+        summary = finetune.run(loaded, paths, SCRATCH)
+        seconds = time.perf_counter() - start
+        live = paths.finetune_live(SCRATCH)
+        report = {
+            "override": json.loads(args.override),
+            "train_views": summary["train_samples"],
+            "validation_views": summary["validation_samples"],
+            "finetune_seconds": round(seconds),
+            "val_abs_rel": curve(live, "val/abs_rel"),
+            "val_delta1": curve(live, "val/delta1"),
+            "val_prior_abs_rel_delta1": [
+                curve(live, "val/prior_abs_rel")[0],
+                curve(live, "val/prior_delta1")[0],
+            ],
+            "train_loss": curve(live, "train/loss"),
+            "test_abs_rel_delta1": packed_test_scores(root),
+        }
+        shutil.rmtree(root / "models", ignore_errors=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
