@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from depthpipe.paths import stage_io
-from tests.helpers import REPO, write_params
+from tests.helpers import REPO, committed_params, write_params
 from tests.test_dvc_yaml import top_level_files
 
 pytestmark = pytest.mark.slow
@@ -380,7 +380,8 @@ def test_share__s3_push_then_teammate_pulls_encoder_and_reproduces(
     assert ran(output) == set(), output[-3000:]
     assert "Data and pipelines are up to date" in dvc("status", cwd=clone)
     # The teammate changes a fine-tuning knob: fine-tuning re-runs, pretraining does not.
-    write_params(clone, {"finetune": {"lr": 0.002}})
+    other_lr = committed_params()["finetune"]["lr"] / 2  # any value but the committed one
+    write_params(clone, {"finetune": {"lr": other_lr}})
     output = dvc("repro", "--pull", cwd=clone)
     assert ran(output) == {"finetune@scratch", "finetune@conservative", "evaluate"}, output[-3000:]
     assert _tracked_files_with_secret(clone) == []
