@@ -113,6 +113,23 @@ def test_evaluate__batch_size_does_not_change_predictions(scored_project: Path) 
         )
 
 
+def test_evaluate__batch_size_is_images_per_forward_pass(scored_project: Path) -> None:
+    """evaluate.batch_size is real: 3 test images at batch size 2 are two forward passes per
+    network, of 2 and 1 images."""
+    paths = project_paths(scored_project)
+    depth = load_params(paths.params).depth
+    net, spec = scratch_twice(paths)["scratch"]
+    batches: list[int] = []
+    hook = net.register_forward_pre_hook(lambda _, inputs: batches.append(len(inputs[0])))
+    try:
+        list(
+            evaluate.predict_test_images(paths, {"scratch": (net, spec)}, batch_size=2, depth=depth)
+        )
+    finally:
+        hook.remove()
+    assert batches == [2, 1]
+
+
 def test_evaluate__scores_what_predict_writes_for_the_same_file(
     scored_project: Path, tmp_path: Path
 ) -> None:
