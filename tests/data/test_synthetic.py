@@ -131,5 +131,6 @@ def test_fetch__megadepth_layout_sizes_vary_by_scene(tiny_project: Path) -> None
         with Image.open(path) as img:
             assert img.format == "JPEG"
             sizes_by_scene.setdefault(path.parts[-4], set()).add(img.size)
-    assert all(len(s) == 1 for s in sizes_by_scene.values())
+    assert all(len(s) == 1 for s in sizes_by_scene.values())  # one size within a scene
     assert len(sizes_by_scene) == 2 and all(re.match(r"^\d{4}$", s) for s in sizes_by_scene)
+    assert len({size for sizes in sizes_by_scene.values() for size in sizes}) == 2  # differ
