@@ -37,7 +37,7 @@ from depthpipe.data.packed import PackedDepthDataset  # noqa: E402
 from depthpipe.metrics import average_metrics, depth_metrics  # noqa: E402
 from depthpipe.model import load_finetuned  # noqa: E402
 from depthpipe.paths import SCRATCH, TEST_SPLIT, TRAIN_SPLIT, project_paths  # noqa: E402
-from depthpipe.prior import mean_log_depth, prior_depth  # noqa: E402
+from depthpipe.prior import packed_prior, prior_depth  # noqa: E402
 from depthpipe.stages import fetch, finetune, init_scratch, preprocess  # noqa: E402
 from tests.helpers import committed_params, deep_merge  # noqa: E402
 
@@ -71,8 +71,7 @@ def packed_test_scores(root: Path) -> dict[str, tuple[float, float]]:
     paths = project_paths(root)
     params = load_params(paths.params)
     lo, hi = params.depth.min_depth, params.depth.max_depth
-    train = PackedDepthDataset(paths.packed_split(TRAIN_SPLIT)).arrays()
-    log_prior = mean_log_depth(train["depth"], train["mask"], lo, hi)
+    log_prior = packed_prior(paths.packed_split(TRAIN_SPLIT), params.depth)
     net, _ = load_finetuned(paths.finetune_dir(SCRATCH))
     test = PackedDepthDataset(paths.packed_split(TEST_SPLIT))
     scores: dict[str, list[dict[str, float]]] = {"network": [], "prior": []}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LOW_RES, save_untrained_model, write_params
+from tests.helpers import LOW_RES, copy_project, save_untrained_model, write_params
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -38,6 +38,19 @@ def fetched_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = load_params(paths.params)
     fetch.run(params, paths)
     preprocess.run(params, paths)
+    return root
+
+
+@pytest.fixture(scope="session")
+def scratch_project(fetched_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project with the scratch encoder written (shared; tests must not modify it)."""
+    from depthpipe.config import load_params
+    from depthpipe.paths import project_paths
+    from depthpipe.stages import init_scratch
+
+    root = copy_project(fetched_project, tmp_path_factory.mktemp("scratch") / "p")
+    paths = project_paths(root)
+    init_scratch.run(load_params(paths.params), paths)
     return root
 
 

@@ -21,8 +21,7 @@ from depthpipe.data.packed import PackedDepthDataset
 from depthpipe.metrics import depth_metrics
 from depthpipe.model import DepthModule, ModelSpec, load_finetuned, make_optimizer, one_cycle
 from depthpipe.paths import project_paths
-from depthpipe.stages import evaluate, finetune, init_scratch
-from tests.helpers import copy_project
+from depthpipe.stages import evaluate, finetune
 
 LOSSES = ("silog", "l1_log", "mse")
 OVERFIT_VIEWS = 2  # rendered training views memorised at once
@@ -33,12 +32,10 @@ OVERFIT_VIEWS = 2  # rendered training views memorised at once
 OVERFIT = {"silog": (1e-3, 60), "l1_log": (1e-3, 60), "mse": (3e-4, 250)}
 
 
-@pytest.fixture(scope="module")
-def project(fetched_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = copy_project(fetched_project, tmp_path_factory.mktemp("sanity") / "p")
-    paths = project_paths(root)
-    init_scratch.run(load_params(paths.params), paths)
-    return root
+@pytest.fixture
+def project(scratch_project: Path) -> Path:
+    """Read only here: the shared tiny project with its scratch encoder."""
+    return scratch_project
 
 
 def _module(root: Path, loss: str) -> tuple[DepthModule, Params]:

@@ -8,9 +8,15 @@ split's overall mean log depth. Predictions for other sizes are the log map resi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from depthpipe.config import DepthConfig
+from depthpipe.data.packed import PackedDepthDataset
+from depthpipe.errors import DepthpipeError
 
 # Samples averaged at once: bounds memory at full scale (a 768x1024 float64 sum is 6 MB per image).
 CHUNK = 64
@@ -37,6 +43,15 @@ def mean_log_depth(
     overall = total.sum() / count.sum()
     per_pixel = np.where(count > 0, total / np.maximum(count, 1), overall)
     return per_pixel.astype(np.float32)
+
+
+def packed_prior(train_split: Path, depth: DepthConfig) -> np.ndarray:
+    """``mean_log_depth`` of a packed training split (memory-mapped, read in chunks)."""
+    train = PackedDepthDataset(train_split).arrays()
+    try:
+        return mean_log_depth(train["depth"], train["mask"], depth.min_depth, depth.max_depth)
+    except ValueError as error:
+        raise DepthpipeError(f"{train_split}: {error}") from error
 
 
 def prior_depth(log_prior: np.ndarray, size: tuple[int, int]) -> np.ndarray:

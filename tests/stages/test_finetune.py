@@ -13,17 +13,8 @@ from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError
 from depthpipe.model import load_finetuned
 from depthpipe.paths import project_paths
-from depthpipe.stages import finetune, init_scratch
+from depthpipe.stages import finetune
 from tests.helpers import copy_project, run_module, write_params
-
-
-@pytest.fixture(scope="module")
-def scratch_project(fetched_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny project with the scratch encoder written (shared within this module)."""
-    root = copy_project(fetched_project, tmp_path_factory.mktemp("finetune") / "p")
-    paths = project_paths(root)
-    init_scratch.run(load_params(paths.params), paths)
-    return root
 
 
 @pytest.fixture

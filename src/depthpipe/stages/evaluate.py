@@ -39,7 +39,7 @@ from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import DepthConfig, Params
 from depthpipe.data.diode import BadSample, Sample, SampleFiles
 from depthpipe.data.diode import read_sample as read_raw_sample
-from depthpipe.data.packed import PackedDepthDataset, read_index
+from depthpipe.data.packed import read_index
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.metrics import HIGHER_IS_BETTER, METRIC_NAMES, average_metrics, depth_metrics
 from depthpipe.model import DepthNet, ModelSpec, load_finetuned, predict_depth
@@ -52,7 +52,7 @@ from depthpipe.paths import (
     ProjectPaths,
 )
 from depthpipe.plots import comparison_chart, prediction_grid  # also selects the Agg backend
-from depthpipe.prior import mean_log_depth, prior_depth
+from depthpipe.prior import packed_prior, prior_depth
 from depthpipe.stats import paired_cluster_bootstrap, relative_gain
 
 # Fixed, not params.seed: the interval is a function of the per-image scores alone, and
@@ -150,21 +150,11 @@ def predict_batch(
         )
 
 
-def training_prior(paths: ProjectPaths, depth: DepthConfig) -> np.ndarray:
-    """(h, w) per-pixel mean log depth of the packed training split (the prior's whole model)."""
-    folder = paths.packed_split(TRAIN_SPLIT)
-    train = PackedDepthDataset(folder).arrays()
-    try:
-        return mean_log_depth(train["depth"], train["mask"], depth.min_depth, depth.max_depth)
-    except ValueError as error:
-        raise DepthpipeError(f"{folder}: {error}") from error
-
-
 def predict_test_images(
     paths: ProjectPaths, nets: dict[str, Model], *, batch_size: int, depth: DepthConfig
 ) -> Iterator[TestImage]:
     """Every test image with each model's prediction, ``batch_size`` images per forward pass."""
-    log_prior = training_prior(paths, depth)
+    log_prior = packed_prior(paths.packed_split(TRAIN_SPLIT), depth)
     batches = size_batches(split_files(paths), batch_size, lambda item: header_size(item[1].image))
     for batch in batches:
         yield from predict_batch(batch, nets, depth, log_prior)

@@ -36,7 +36,7 @@ from depthpipe.paths import (
     VALIDATION_SPLIT,
     ProjectPaths,
 )
-from depthpipe.prior import mean_log_depth, prior_depth
+from depthpipe.prior import packed_prior, prior_depth
 from depthpipe.transforms import DepthAugment
 
 MONITOR = "val/abs_rel"
@@ -94,8 +94,7 @@ class PriorReference(Callback):
 def prior_scores(params: Params, paths: ProjectPaths) -> dict[str, float]:
     """abs_rel and delta1 of the training-mean log-depth prior on the validation split."""
     lo, hi = params.depth.min_depth, params.depth.max_depth
-    train = PackedDepthDataset(paths.packed_split(TRAIN_SPLIT)).arrays()
-    log_prior = mean_log_depth(train["depth"], train["mask"], lo, hi)
+    log_prior = packed_prior(paths.packed_split(TRAIN_SPLIT), params.depth)
     val = PackedDepthDataset(paths.packed_split(VALIDATION_SPLIT)).arrays()
     per_image = []
     for depth, mask in zip(val["depth"], val["mask"], strict=True):
