@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from depthpipe.errors import DepthpipeError
-from depthpipe.study import markdown, paired_differences, runs_from_rows, summarise, t_interval
+from depthpipe.study import (
+    Difference,
+    markdown,
+    paired_differences,
+    runs_from_rows,
+    summarise,
+    t_interval,
+)
 
 
 def _row(name: str, aug: str, seed: int, enc: float, scr: float, **extra: Any) -> dict[str, Any]:
@@ -72,7 +79,7 @@ def test_study__noise_is_not_separated() -> None:
     ]
     runs, _ = runs_from_rows(rows, [])
     preset = next(d for d in paired_differences(runs, []) if d.label.endswith("conservative"))
-    assert preset.verdict() == "not separated (the interval covers 0)"
+    assert preset.verdict().startswith("not separated (the interval covers 0; about ")
 
 
 def test_t_interval__known_values() -> None:
@@ -130,3 +137,26 @@ def test_study__by_another_param_pairs_within_it(tmp_path: Path) -> None:
     assert len(table) == 4 and all(row["seeds"] == 2 for row in table)
     labels = {d.label for d in paired_differences(runs, ["finetune.freeze_encoder"])}
     assert "aggressive - conservative, finetune.freeze_encoder=True" in labels
+
+
+def test_study__networks_against_the_prior_and_scratch_once_per_seed() -> None:
+    runs, _ = runs_from_rows(GRID, [])
+    differences = {(d.label, d.metric): d for d in paired_differences(runs, [])}
+    # prior.abs_rel is 0.9 in every row: conservative encoders 0.40/0.43/0.41
+    over_prior = differences[("conservative - prior", "abs_rel")]
+    assert over_prior.mean == pytest.approx(0.41333 - 0.9, abs=1e-4)
+    assert over_prior.verdict() == "separated: conservative is better"
+    # scratch is one network per seed (shared by both presets): 3 values, not 6
+    scratch = differences[("scratch - prior", "delta1")]
+    assert scratch.seeds == 3
+    assert scratch.mean == pytest.approx((1 - 0.6) - 0.2, abs=1e-9)
+
+
+def test_study__seeds_needed_from_the_measured_spread() -> None:
+    # per-seed differences 0.1 and 0.3: mean 0.2, sd 0.1414; t(0.975, n-1) * sd / sqrt(n) drops
+    # below 0.2 first at n = 5 (2.776 * 0.1414 / 2.236 = 0.176; n = 4 gives 0.225)
+    low, high = t_interval([0.1, 0.3])
+    difference = Difference("a - b", "abs_rel", 2, 0.2, low, high, sd=0.1 * 2**0.5)
+    assert difference.seeds_needed() == 5
+    assert "about 5 seeds would separate" in difference.verdict()
+    assert Difference("a - b", "abs_rel", 2, 0.0, -1.0, 1.0, sd=0.1).seeds_needed() is None

@@ -49,6 +49,7 @@ COMPARED = ("abs_rel", "delta1")  # the metrics the paired differences are compu
 # in progress or uncommitted edits).
 RUN_TYPES = ("baseline", "branch_commit", "branch_base")
 CONFIDENCE = 0.95
+MAX_SEEDS_ESTIMATE = 10_000  # beyond this "more seeds" is not the answer: say nothing
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,33 @@ class Difference:
     mean: float
     low: float | None
     high: float | None
+    sd: float | None = None  # of the per-seed differences; None for n < 2
 
     def verdict(self) -> str:
         if self.low is None or self.high is None:
             return "no interval: one seed per group (run more seeds, e.g. -S 'seed=0,1,2')"
         if self.low <= 0.0 <= self.high:
-            return "not separated (the interval covers 0)"
+            needed = self.seeds_needed()
+            scale = (
+                f"; about {needed} seeds would separate a difference of this size"
+                if needed is not None
+                else ""
+            )
+            return f"not separated (the interval covers 0{scale})"
         first, second = self.label.split(" - ")
         better = first if (self.mean > 0) == HIGHER_IS_BETTER[self.metric] else second
         return f"separated: {better} is better"
+
+    def seeds_needed(self) -> int | None:
+        """Seeds whose t-interval would exclude zero if the mean and the spread stayed as measured
+        (a planning figure, not a promise); None without a spread or a difference to separate."""
+        if self.sd is None or self.sd == 0.0 or self.mean == 0.0:
+            return None
+        for n in range(2, MAX_SEEDS_ESTIMATE + 1):
+            t = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1))
+            if t * self.sd / math.sqrt(n) < abs(self.mean):
+                return n
+        return None
 
 
 def read_runs(repo: str | None, by: Sequence[str]) -> tuple[list[Run], list[str]]:
@@ -197,18 +216,29 @@ def paired_differences(runs: list[Run], by: Sequence[str]) -> list[Difference]:
                 out.append(_difference(f"{first} - {second}{suffix}", metric, values))
         for preset in presets:
             members = [run for (g, _), run in by_key.items() if g == (preset, *context)]
-            for metric in COMPARED:
-                values = [
-                    m.metrics[f"encoder.{metric}"] - m.metrics[f"scratch.{metric}"] for m in members
-                ]
-                out.append(_difference(f"{preset} - scratch{suffix}", metric, values))
+            for baseline in ("scratch", "prior"):
+                for metric in COMPARED:
+                    values = [
+                        m.metrics[f"encoder.{metric}"] - m.metrics[f"{baseline}.{metric}"]
+                        for m in members
+                    ]
+                    out.append(_difference(f"{preset} - {baseline}{suffix}", metric, values))
+        # finetune@scratch does not depend on aug: one value per seed, whichever preset ran it.
+        scratch_by_seed = {s: run for (g, s), run in by_key.items() if g[1:] == context}
+        for metric in COMPARED:
+            values = [
+                run.metrics[f"scratch.{metric}"] - run.metrics[f"prior.{metric}"]
+                for _, run in sorted(scratch_by_seed.items())
+            ]
+            out.append(_difference(f"scratch - prior{suffix}", metric, values))
     return [d for d in out if d.seeds > 0]
 
 
 def _difference(label: str, metric: str, values: list[float]) -> Difference:
     low, high = t_interval(values)
     mean = statistics.fmean(values) if values else math.nan
-    return Difference(label, metric, len(values), mean, low, high)
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    return Difference(label, metric, len(values), mean, low, high, sd)
 
 
 def markdown(table: list[dict[str, Any]], differences: list[Difference], by: Sequence[str]) -> str:
