@@ -82,7 +82,14 @@ def render_samples(root: Path, count: int) -> list[diode.SampleFiles]:
     views = min(count, 216)
     scans = -(-count // views)
     synthetic.write_diode_split(
-        root, DIODE_TRAIN_SPLIT, range(1, 2), scans, views, (1024, 768), seed=0
+        root,
+        DIODE_TRAIN_SPLIT,
+        range(1, 2),
+        scans,
+        views,
+        (1024, 768),
+        seed=0,
+        domain=diode.OUTDOOR,
     )
     return diode.list_samples(root, DIODE_TRAIN_SPLIT)[:count]
 

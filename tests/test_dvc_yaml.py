@@ -22,9 +22,11 @@ import pytest
 import yaml
 
 from depthpipe.paths import PACKED_SPLITS, SCRATCH, STAGES, ProjectPaths, StageIO, stage_io
-from tests.helpers import REPO, write_params
+from depthpipe.register import ARTIFACT_NAME, depth_artifact, encoder_artifact
+from tests.helpers import REPO, committed_params, deep_merge, write_params
 
 STAGE_MODULES = {
+    "fingerprint": "depthpipe.stages.fingerprint",
     "fetch": "depthpipe.stages.fetch",
     "preprocess": "depthpipe.stages.preprocess",
     "pretrain": "depthpipe.stages.pretrain",
@@ -35,8 +37,9 @@ STAGE_MODULES = {
 # Imported by every module but carry no behaviour that changes outputs.
 NEUTRAL = {"depthpipe", "depthpipe.errors"}
 # ProjectPaths members that are no pipeline data: the project folder, the params file (a DVC
-# params dep, not a path dep) and pretrain's resumable working folder (outside every output).
-NEUTRAL_MEMBERS = {"root", "params", "pretrain_workdir"}
+# params dep, not a path dep) and the resumable working folders of pretrain and fetch (outside
+# every output).
+NEUTRAL_MEMBERS = {"root", "params", "pretrain_workdir", "fetch_workdir"}
 # ProjectPaths methods whose argument is no encoder or preset name, and the names they take.
 MEMBER_ARGUMENTS = {"packed_split": PACKED_SPLITS}
 
@@ -168,6 +171,7 @@ def pipeline_problems(dvc_yaml: Path, workdir: Path) -> list[tuple[str, str]]:
     aug = pipeline.params["aug"]
     problems: list[tuple[str, str]] = []
     expected_names = [
+        "fingerprint",
         "fetch",
         "preprocess",
         *(f"pretrain@{p}" for p in pipeline.params["pretrain"]["presets"]),
@@ -371,6 +375,14 @@ MUTATIONS: dict[str, tuple[Callable[[str], str], str, str]] = {
         "data",
         "finetune@scratch: data_deps",
     ),
+    "fetch no longer watches data.local": (
+        _replace(
+            "      - src/depthpipe/cli.py\n      - data/raw/local_fingerprint.json\n",
+            "      - src/depthpipe/cli.py\n",
+        ),
+        "data",
+        "fetch: data_deps",
+    ),
     "delete evaluate's raw dep": (
         _replace("      - data/raw/diode/val\n"),
         "data",
@@ -513,6 +525,56 @@ def test_stage_io__rejects_wrong_arguments() -> None:
         stage_io("train")
 
 
+def test_dvc_yaml__fingerprint_runs_every_time_and_fetch_reads_it() -> None:
+    """The fingerprint stage is how DVC notices a changed data.local folder: it must run on
+    every repro, and fetch must depend on its file (the mutation above drops that dep)."""
+    stages = _stages()
+    assert stages["fingerprint"]["always_changed"] is True
+    assert "always_changed" not in stages["fetch"]  # fetch keeps its run cache
+    assert "data/raw/local_fingerprint.json" in stages["fetch"]["deps"]
+
+
+def _leaves(tree: dict, prefix: str = "") -> set[str]:
+    return {
+        leaf
+        for key, value in tree.items()
+        for leaf in (
+            _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+        )
+    }
+
+
+# Keys that change how a stage works, never a byte of what it writes (so changing them must not
+# re-run it): fetch's checks and transfer mode, preprocess's process count.
+HOW_NOT_WHAT = {
+    "fetch": {
+        "data.official.diode_train.md5",
+        "data.official.diode_val.md5",
+        "data.official.megadepth.md5",
+        "data.official.keep_archives",
+        "data.official.stream",
+    },
+    "preprocess": {"preprocess.workers"},
+}
+
+
+@pytest.mark.parametrize(
+    ("stage", "sections"), [("fetch", ("data",)), ("preprocess", ("preprocess",))]
+)
+def test_dvc_yaml__params_leave_out_only_how_not_what(stage: str, sections: tuple) -> None:
+    """Every key of the sections a stage reads is a param of it, except HOW_NOT_WHAT: a new key
+    cannot be forgotten, and a speed or check knob cannot re-run the stage."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    declared = _body(_stages()[stage])["params"]
+    leaves = _leaves({section: params[section] for section in sections})
+    covered = {
+        leaf
+        for leaf in leaves
+        if any(_within(leaf.replace(".", "/"), d.replace(".", "/")) for d in declared)
+    }
+    assert leaves - covered == HOW_NOT_WHAT[stage]
+
+
 def test_dvc_yaml__aug_only_where_it_belongs() -> None:
     for name, stage in _stages().items():
         params = _body(stage).get("params", [])
@@ -539,6 +601,7 @@ def test_dvc_yaml__third_preset_adds_a_stage_without_code(tmp_path: Path) -> Non
         check=True,
     ).stdout.split()
     assert listing == [
+        "fingerprint",
         "fetch",
         "preprocess",
         "pretrain@aggressive",
@@ -549,3 +612,293 @@ def test_dvc_yaml__third_preset_adds_a_stage_without_code(tmp_path: Path) -> Non
         "finetune@mild",
         "evaluate",
     ]
+
+
+# -- artifacts: dvc.yaml's model registry against params.yaml and the stages --------------------
+#
+# DVC interpolates ${...} inside `artifacts:` but has no foreach there, so each preset's encoder and
+# fine-tuned network is declared by hand: these checks catch a preset added without them, a path
+# that is no stage's output, and `meta` that says something else than the params of the commit.
+
+
+@dataclass(frozen=True)
+class ExpectedArtifact:
+    kind: str  # encoder or depth
+    item: str  # scratch or a preset
+    path: str
+    stage: str  # the stage that makes it, as DVC names it
+
+
+def expected_artifacts(params: dict[str, Any]) -> dict[str, ExpectedArtifact]:
+    """One encoder and one fine-tuned network per preset and for scratch, named as
+    depthpipe.register names them."""
+    p = ProjectPaths(Path())
+    expected = {}
+    for item in (SCRATCH, *params["pretrain"]["presets"]):
+        pretrain = "init_scratch" if item == SCRATCH else f"pretrain@{item}"
+        expected[encoder_artifact(item)] = ExpectedArtifact(
+            "encoder", item, p.encoder_file(item).as_posix(), pretrain
+        )
+        expected[depth_artifact(item)] = ExpectedArtifact(
+            "depth", item, p.finetune_dir(item).as_posix(), f"finetune@{item}"
+        )
+    return expected
+
+
+def lookup(params: dict[str, Any], dotted: str) -> Any:
+    """The value of a DVC params key (``pretrain.presets.aggressive``)."""
+    value: Any = params
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def load_artifacts(
+    dvc_yaml: Path, workdir: Path, params: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The artifacts of ``dvc_yaml`` as DVC resolves them against ``params``, and each stage's
+    declared params keys."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.dvcfile import load_file
+    from dvc.repo import Repo
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(dvc_yaml, workdir / "dvc.yaml")
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if not (workdir / ".dvc").is_dir():
+        Repo.init(str(workdir), no_scm=True)
+    with Repo(str(workdir)) as repo:
+        artifacts = repo.artifacts.read().get("dvc.yaml", {})
+        stage_params = {
+            stage.name: [
+                key for dep in stage.deps if isinstance(dep, ParamsDependency) for key in dep.params
+            ]
+            for stage in load_file(repo, str(workdir / "dvc.yaml")).stages.values()
+        }
+    return artifacts, stage_params
+
+
+def _declared_params(stage: str, stage_params: dict[str, list[str]]) -> list[str] | None:
+    """Params keys of ``stage``; finetune@<preset> exists only while aug is that preset, and
+    its params are finetune@scratch's (no key depends on the item)."""
+    base = stage.partition("@")[0]
+    return stage_params.get(stage, stage_params.get(f"{base}@{SCRATCH}"))
+
+
+def _meta_problems(
+    name: str,
+    want: ExpectedArtifact,
+    meta: dict[str, Any],
+    params: dict[str, Any],
+    stage_params: dict[str, list[str]],
+) -> list[str]:
+    """``meta`` states what loading the model needs, with the values of ``params``."""
+    stated = {"stage": want.stage, "arch": params["model"]["arch"]}
+    if want.kind == "depth":
+        stated |= {
+            "encoder": encoder_artifact(want.item),
+            "input_size": {k: params["preprocess"][k] for k in ("height", "width")},
+            "depth_range": {
+                "min": params["depth"]["min_depth"],
+                "max": params["depth"]["max_depth"],
+            },
+        }
+    elif want.item != SCRATCH:
+        stated["input_size"] = params["pretrain"]["image_size"]
+    problems = [
+        f"{name}: meta.{key} {meta.get(key)!r} != {value!r}"
+        for key, value in stated.items()
+        if meta.get(key) != value
+    ]
+    keys = _declared_params(want.stage, stage_params)
+    recorded = meta.get("params") or {}
+    if keys is not None and sorted(recorded) != sorted(keys):
+        problems.append(
+            f"{name}: meta.params keys {sorted(recorded)} != {want.stage}'s {sorted(keys)}"
+        )
+    problems += [
+        f"{name}: meta.params.{key} {value!r} != params.yaml's {lookup(params, key)!r}"
+        for key, value in recorded.items()
+        if key in (keys or []) and value != lookup(params, key)
+    ]
+    return problems
+
+
+def _artifact_problems(
+    name: str,
+    artifact: Any,
+    want: ExpectedArtifact,
+    params: dict[str, Any],
+    stage_params: dict[str, list[str]],
+) -> list[str]:
+    problems = []
+    if artifact.path != want.path:
+        problems.append(f"{name}: path {artifact.path} != {want.path}")
+    base, _, item = want.stage.partition("@")
+    outs = stage_io(base, item or None).outs  # the artifact must be inside what the stage writes
+    if not any(_within(artifact.path, out) for out in outs):
+        problems.append(f"{name}: {artifact.path} is in none of {want.stage}'s outs {list(outs)}")
+    if artifact.type != "model" or not artifact.desc:
+        problems.append(f"{name}: type {artifact.type!r} (want 'model') or no desc")
+    if not {want.kind, want.item} <= set(artifact.labels):
+        problems.append(f"{name}: labels {artifact.labels} lack {want.kind!r} or {want.item!r}")
+    return problems + _meta_problems(name, want, artifact.meta, params, stage_params)
+
+
+def _dvc_accepts(name: str) -> bool:
+    """DVC's own rule for artifact names (ARTIFACT_NAME is a stricter subset)."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.repo.artifacts import check_name_format
+
+    try:
+        check_name_format(name)
+    except InvalidArgumentError:
+        return False
+    return True
+
+
+def artifact_problems(
+    dvc_yaml: Path, workdir: Path, params: dict[str, Any] | None = None
+) -> list[str]:
+    """Every disagreement of ``dvc_yaml``'s artifacts with ``params`` (default: the committed
+    params.yaml) and the pipeline: a missing or unexpected artifact, an invalid name, a path
+    that is not the stage's output, and meta that is not the params."""
+    params = committed_params() if params is None else params
+    declared, stage_params = load_artifacts(dvc_yaml, workdir, params)
+    expected = expected_artifacts(params)
+    problems = [
+        f"{name}: no artifact for the {want.kind} of '{want.item}' in dvc.yaml"
+        for name, want in expected.items()
+        if name not in declared
+    ]
+    for name, artifact in declared.items():
+        if not (ARTIFACT_NAME.match(name) and _dvc_accepts(name)):
+            problems.append(f"{name}: not a valid artifact name (lower-case, digits, dashes)")
+        if name not in expected:
+            problems.append(f"{name}: names no encoder or fine-tuned network of params.yaml")
+        else:
+            problems += _artifact_problems(name, artifact, expected[name], params, stage_params)
+    return problems
+
+
+def test_dvc_yaml__artifacts_are_every_encoder_and_network(tmp_path: Path) -> None:
+    declared, _ = load_artifacts(REPO / "dvc.yaml", tmp_path, committed_params())
+    presets = list(committed_params()["pretrain"]["presets"])
+    assert len(presets) >= 2 and set(declared) == set(expected_artifacts(committed_params()))
+    assert declared["encoder-conservative"].path == "models/pretrain/conservative/encoder.pt"
+    assert declared["depth-scratch"].path == "models/finetune/scratch"
+    assert artifact_problems(REPO / "dvc.yaml", tmp_path) == []
+
+
+def test_artifact_problems__meta_follows_params(tmp_path: Path) -> None:
+    """Other params (as `dvc exp run -S` would set) give no problem: meta holds no literal that
+    only happens to equal today's params.yaml."""
+    params = deep_merge(
+        committed_params(),
+        {
+            "seed": 7,
+            "model": {"arch": "resnet34"},
+            "preprocess": {"height": 96, "width": 128},
+            "depth": {"min_depth": 1.0, "max_depth": 80.0},
+            "pretrain": {
+                "image_size": 96,
+                "epochs": 5,
+                "presets": {"aggressive": {"random_flip": {"vertical_prob": 0.25}}},
+            },
+            "finetune": {"lr": 0.0005},
+        },
+    )
+    declared, _ = load_artifacts(REPO / "dvc.yaml", tmp_path, params)
+    assert declared["depth-conservative"].meta["arch"] == "resnet34"  # really re-resolved
+    assert declared["depth-conservative"].meta["input_size"] == {"height": 96, "width": 128}
+    assert artifact_problems(REPO / "dvc.yaml", tmp_path, params) == []
+
+
+def _in_artifact(name: str, old: str, new: str) -> Callable[[str], str]:
+    """Replace ``old`` once inside the ``artifacts:`` entry ``name`` of dvc.yaml's text."""
+
+    def edit(text: str) -> str:
+        start = text.index(f"\n  {name}:\n", text.index("\nartifacts:\n"))
+        end = text.find("\n\n", start + 1)
+        end = len(text) if end < 0 else end
+        block = text[start:end]
+        assert block.count(old) == 1, f"mutation target not found once in {name}: {old!r}"
+        return text[:start] + block.replace(old, new) + text[end:]
+
+    return edit
+
+
+ARTIFACT_MUTATIONS: dict[str, tuple[Callable[[str], str], dict[str, Any], str]] = {
+    # name: (edit of dvc.yaml's text, params override, text of the expected problem)
+    "a preset without its artifacts": (
+        lambda text: text,
+        {"pretrain": {"presets": {"mild_tilt": {"random_rotation": {"prob": 1.0, "degrees": 5}}}}},
+        "encoder-mild-tilt: no artifact for the encoder of 'mild_tilt'",
+    ),
+    "a preset's network without its artifact": (
+        lambda text: text,
+        {"pretrain": {"presets": {"mild": {"random_rotation": {"prob": 1.0, "degrees": 5}}}}},
+        "depth-mild: no artifact for the depth of 'mild'",
+    ),
+    "a literal arch": (
+        _in_artifact(
+            "encoder-conservative", "\n      arch: ${model.arch}\n", "\n      arch: resnet50\n"
+        ),
+        {},
+        "encoder-conservative: meta.arch 'resnet50' != 'resnet18'",
+    ),
+    "a literal depth range": (
+        _in_artifact("depth-conservative", "min: ${depth.min_depth}", "min: 0.1"),
+        {},
+        "depth-conservative: meta.depth_range",
+    ),
+    "a stage param missing from meta.params": (
+        _in_artifact("encoder-aggressive", "        pretrain.trainer: ${pretrain.trainer}\n", ""),
+        {},
+        "encoder-aggressive: meta.params keys",
+    ),
+    "a param of another preset": (
+        _in_artifact(
+            "encoder-conservative",
+            "pretrain.presets.conservative: ${pretrain.presets.conservative}",
+            "pretrain.presets.conservative: ${pretrain.presets.aggressive}",
+        ),
+        {},
+        "encoder-conservative: meta.params.pretrain.presets.conservative",
+    ),
+    "the encoder path of another preset": (
+        _in_artifact(
+            "encoder-conservative",
+            "path: models/pretrain/conservative/encoder.pt",
+            "path: models/pretrain/aggressive/encoder.pt",
+        ),
+        {},
+        "encoder-conservative: path models/pretrain/aggressive/encoder.pt",
+    ),
+    "a network folder that is no stage output": (
+        _in_artifact("depth-scratch", "path: models/finetune/scratch", "path: models/scratch"),
+        {},
+        "depth-scratch: models/scratch is in none of finetune@scratch's outs",
+    ),
+    "an invalid name": (
+        _in_artifact("depth-scratch", "depth-scratch:", "depth_Scratch:"),
+        {},
+        "depth_Scratch: not a valid artifact name",
+    ),
+    "a type other than model": (
+        _in_artifact("encoder-scratch", "type: model", "type: data"),
+        {},
+        "encoder-scratch: type 'data'",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", list(ARTIFACT_MUTATIONS))
+def test_artifact_problems__mutation_is_caught(mutation: str, tmp_path: Path) -> None:
+    edit, override, message = ARTIFACT_MUTATIONS[mutation]
+    mutated = tmp_path / "mutated.yaml"
+    mutated.write_text(edit((REPO / "dvc.yaml").read_text()))
+    problems = artifact_problems(
+        mutated, tmp_path / "repo", deep_merge(committed_params(), override)
+    )
+    assert any(message in problem for problem in problems), problems

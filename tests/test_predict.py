@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from depthpipe import predict
+from depthpipe.errors import DepthpipeError
 from depthpipe.model import DepthPrediction
 from depthpipe.paths import project_paths
 from tests.helpers import run_module
@@ -70,6 +71,22 @@ def test_predict__missing_model_is_clear(tmp_path: Path) -> None:
     args = [str(tmp_path / "a.png"), "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]
     result = run_module("depthpipe.predict", *args, cwd=tmp_path)
     assert result.returncode == 2 and "model description not found" in result.stderr
+
+
+def test_predict__an_encoder_as_model_says_which_artifact_to_use(tmp_path: Path) -> None:
+    """Encoders and fine-tuned networks are both registry models (encoder-*, depth-*): an
+    encoder file or folder is named as such, before any output is made."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    encoder = tmp_path / "encoder-conservative" / "encoder.pt"
+    encoder.parent.mkdir()
+    encoder.write_bytes(b"any content: only the name is looked at")
+    out = tmp_path / "out"
+    for model in (encoder, encoder.parent):
+        with pytest.raises(DepthpipeError) as raised:
+            predict.predict_files([tmp_path / "a.png"], model, out)
+        assert str(raised.value).startswith(f"{model}: an encoder, not a fine-tuned depth network")
+        assert "dvc artifacts get <repo> depth-<name>" in str(raised.value)
+        assert not out.exists()
 
 
 def png_claiming(path: Path, width: int, height: int) -> None:

@@ -58,3 +58,20 @@ def test_profile__unknown_key_rejected(project: Path) -> None:
     with pytest.raises(ConfigError, match=r"profile key finetune\.epoch: not in params\.yaml"):
         apply_profile(project / "params.yaml", project / "profiles" / "bad.yaml")
     assert (project / "params.yaml").read_text() == before
+
+
+def test_profile__study_is_sized_for_the_seed_grid(project: Path) -> None:
+    """The study profile's promises: >= 10 test scans for a scan-level interval, >= 4 validation
+    scenes, pretraining long enough to move the weights, and back to the demo afterwards."""
+    original = (project / "params.yaml").read_text()
+    apply_profile(project / "params.yaml", project / "profiles" / "study.yaml")
+    study = load_params(project / "params.yaml")
+    synthetic = study.data.synthetic
+    assert synthetic.val_scenes * synthetic.scans_per_scene >= 10
+    assert round(study.preprocess.val_fraction * synthetic.train_scenes) >= 4
+    photos = synthetic.megadepth_scenes * synthetic.megadepth_images_per_scene
+    assert study.pretrain.epochs * (photos // study.pretrain.batch_size) >= 90  # optimiser steps
+    assert study.pretrain.method == "simclr"
+    apply_profile(project / "params.yaml", project / "profiles" / "demo.yaml")
+    restored = (project / "params.yaml").read_text()
+    assert yaml.safe_load(restored) == yaml.safe_load(original)  # method and lr come back too

@@ -33,8 +33,9 @@ Architecture = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet1
 OFFLINE_METHODS = ("dino", "simclr")
 DOWNLOADING_METHODS = ("distillation", "distillationv1", "distillationv2", "dinov2")
 
-# Data sources designed but not built yet: refused with the same one-line error as a bad value.
-UNBUILT_SOURCES = ("official", "local")
+# DIODE's two domains, spelled as its folders are ("indoors" has an s, "outdoor" has none).
+DiodeDomain = Literal["outdoor", "indoors"]
+MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
 def _between(lo: float, hi: float) -> Any:
@@ -65,18 +66,77 @@ class SyntheticConfig(Section):
     megadepth_long_side: Annotated[int, _between(32, 4096)]  # px, largest scene
 
 
+class ArchiveConfig(Section):
+    """One official archive: where it is served and the MD5 it must have (null: not published;
+    fetch prints the MD5 it computed so a team can pin it here)."""
+
+    url: str
+    md5: str | None
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return url
+
+    @field_validator("md5")
+    @classmethod
+    def _hex(cls, md5: str | None) -> str | None:
+        if md5 is not None and not MD5.match(md5):
+            raise ValueError(f"{md5!r} is not an MD5 (32 hexadecimal digits) or null")
+        return None if md5 is None else md5.lower()
+
+
+class OfficialConfig(Section):
+    """source: official, the published archives."""
+
+    diode_train: ArchiveConfig
+    diode_val: ArchiveConfig
+    megadepth: ArchiveConfig
+    keep_archives: bool  # false: an archive is deleted once verified and extracted
+    stream: bool  # true: extract while downloading (no archive on disk, no resume)
+
+
+class LocalConfig(Section):
+    """source: local, extracted copies already on this machine (absolute, or relative to the
+    project folder)."""
+
+    diode: str | None  # holds train/ and val/
+    megadepth: str | None  # holds MegaDepth_v1/ or its scene folders
+
+
 class DataConfig(Section):
-    # The data's randomness only: synthetic scenes and the train/validation scene split.
+    # The data's randomness only: synthetic scenes, the MegaDepth subset, the train/validation
+    # scene split.
     seed: Annotated[int, _between(0, 2**31 - 1)]
     source: Literal["synthetic", "official", "local"]
+    diode_domains: list[DiodeDomain]
+    megadepth_max_images: Annotated[int, _between(0, 10_000_000)]  # 0 = all
+    official: OfficialConfig
+    local: LocalConfig
     synthetic: SyntheticConfig
 
-    @field_validator("source")
+    @field_validator("diode_domains")
     @classmethod
-    def _built(cls, source: str) -> str:
-        if source in UNBUILT_SOURCES:
-            raise ValueError(f"'{source}' is not available yet; only 'synthetic' is built")
-        return source
+    def _domains(cls, domains: list[str]) -> list[str]:
+        if not domains:
+            raise ValueError("name at least one of outdoor, indoors")
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"{domains}: a domain is listed twice")
+        return domains
+
+    @model_validator(mode="after")
+    def _local_folders(self) -> DataConfig:
+        if self.source != "local":
+            return self
+        for name in ("diode", "megadepth"):
+            folder = getattr(self.local, name)
+            if folder is None or not folder.strip():
+                raise ValueError(
+                    f"data.local.{name}: a folder is required when data.source is local"
+                )
+        return self
 
 
 class DepthConfig(Section):
@@ -97,6 +157,9 @@ class PreprocessConfig(Section):
     height: Annotated[int, _between(16, 4096)]  # px, training resolution
     width: Annotated[int, _between(16, 4096)]  # px
     megadepth_short_side: Annotated[int, _between(16, 4096)]  # px after resize
+    # Processes that decode and resize samples; 0 = one per CPU core this process may use. The
+    # packed files do not depend on it (tested byte for byte), so no stage lists it as a param.
+    workers: Annotated[int, _between(0, 1024)]
 
 
 class ModelConfig(Section):
@@ -144,6 +207,10 @@ class PretrainConfig(Section):
     epochs: Annotated[int, _between(1, 100000)]
     batch_size: Annotated[int, _between(2, 1 << 20)]  # global, all devices
     image_size: Annotated[int, _between(16, 2048)]  # px, global crops
+    # The learning rate the optimiser really uses (after warm-up). LightlyTrain would otherwise
+    # scale its ImageNet value by batch_size/256, which at a CPU batch of 16 leaves DINO at
+    # 3e-5: the weights barely move in a few hundred steps.
+    lr: Annotated[float, _between(1e-8, 10.0)]
     trainer: TrainerConfig
     presets: dict[str, AugPreset]
 
@@ -233,7 +300,10 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _validation_split_possible(self) -> Params:
-        # preprocess holds out round(val_fraction * scenes) whole scenes; both sides need one.
+        # preprocess holds out round(val_fraction * scenes) whole scenes of each domain; both
+        # sides need one. Only the synthetic scene count is known before fetch: with real data
+        # preprocess keeps at least one scene on each side, and fails naming the domain when
+        # it has fewer than two.
         if self.data.source != "synthetic":
             return self
         scenes = self.data.synthetic.train_scenes
@@ -305,6 +375,7 @@ _EXPECTED = {
     "bool_type": "true or false",
     "string_type": "a string",
     "dict_type": "a mapping",
+    "list_type": "a list",
     "model_type": "a mapping",
     "model_attributes_type": "a mapping",
 }

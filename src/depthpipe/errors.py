@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class DepthpipeError(Exception):
@@ -15,6 +16,12 @@ class DepthpipeError(Exception):
 
 class ConfigError(DepthpipeError):
     """A value in params.yaml is unknown, of the wrong type or out of range."""
+
+
+def reason(error: BaseException, path: Path) -> str:
+    """``error``'s message with ``path`` shortened to its name (PIL quotes the whole path): the
+    reasons go into DVC outputs, which must not depend on where the project folder is."""
+    return str(error).replace(str(path), path.name)
 
 
 def run_cli(main: Callable[[], None]) -> None:

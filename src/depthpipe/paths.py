@@ -67,7 +67,23 @@ class ProjectPaths:
     def params(self) -> Path:
         return self.root / "params.yaml"
 
+    # fingerprint
+    @property
+    def local_fingerprint(self) -> Path:
+        """Names, sizes and mtimes of data.local's files, summed up: fetch's dependency on them."""
+        return self.root / "data" / "raw" / "local_fingerprint.json"
+
     # fetch
+    @property
+    def fetch_report(self) -> Path:
+        """Where the raw data came from: source, archives (URL, size, MD5), counts, link mode."""
+        return self.root / "data" / "raw" / "fetch_report.json"
+
+    @property
+    def fetch_workdir(self) -> Path:
+        # Downloads and finished extractions between runs (resume); outside every stage output.
+        return self.root / ".depthpipe" / "fetch"
+
     @property
     def raw_diode(self) -> Path:
         return self.root / "data" / "raw" / "diode"
@@ -151,7 +167,15 @@ def project_paths(root: Path | str = ".") -> ProjectPaths:
     return ProjectPaths(Path(root).resolve())
 
 
-STAGES = ("fetch", "preprocess", "pretrain", "init_scratch", "finetune", "evaluate")
+STAGES = (
+    "fingerprint",
+    "fetch",
+    "preprocess",
+    "pretrain",
+    "init_scratch",
+    "finetune",
+    "evaluate",
+)
 SCRATCH = "scratch"  # the encoder of finetune@scratch, written by init_scratch
 # The DVCLive metrics whose curves `dvc plots show` must draw (the names the code logs).
 PRETRAIN_CURVES = ("train/loss",)
@@ -189,8 +213,13 @@ def stage_io(stage: str, item: str | None = None, *, aug: str | None = None) -> 
         raise ValueError(f"stage_io: {stage} takes {'an' if needs_item else 'no'} item")
     if stage == "evaluate" and aug is None:
         raise ValueError("stage_io: evaluate needs aug")
+    if stage == "fingerprint":
+        return StageIO(outs=rel(p.local_fingerprint))
     if stage == "fetch":
-        return StageIO(outs=rel(p.raw_diode, p.raw_megadepth))
+        return StageIO(
+            data_deps=rel(p.local_fingerprint),
+            outs=rel(p.raw_diode, p.raw_megadepth, p.fetch_report),
+        )
     if stage == "preprocess":
         return StageIO(
             data_deps=rel(p.raw_diode, p.raw_megadepth),

@@ -2,6 +2,9 @@
 
     python -m depthpipe.predict PATH... --model models/finetune/conservative --out predictions/
 
+--model is a fine-tuned network's folder (model.pt + model.json): models/finetune/<name>, or the
+folder ``dvc artifacts get <repo> depth-<name>`` downloads from the model registry.
+
 PATH may be image files or folders (searched recursively). Any size up to MAX_PIXELS (200 MP);
 RGB, RGBA, greyscale (8 or 16 bit) or palette; the EXIF orientation is applied first, as a photo
 viewer would. For each image, writes ``<stem>_depth.npy`` (float32 metres, the input's height and
@@ -32,7 +35,7 @@ from tqdm import tqdm
 from depthpipe.atomic import atomic_file
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.model import DepthNet, DepthPrediction, ModelSpec, load_finetuned, predict_depth
-from depthpipe.paths import MODEL_WEIGHTS, is_image
+from depthpipe.paths import ENCODER_FILE, MODEL_WEIGHTS, is_image
 from depthpipe.plots import DEPTH_CMAP  # one colour map for depth everywhere
 
 # Larger inputs are skipped: 200 MP decode to 0.8 GB of RGB and give 0.8 GB of float32 depth.
@@ -181,8 +184,21 @@ def predict_photo(net: DepthNet, spec: ModelSpec, path: Path) -> DepthPrediction
     return predict_depth(net, spec, [load_photo(path)])[0]
 
 
+def check_not_encoder(model: Path) -> None:
+    """Refuse an encoder (a file, or a folder holding one) with what to use instead: encoders
+    and fine-tuned networks are both models in the registry (encoder-*, depth-*), and without
+    this the error would only say that model.json is missing."""
+    if model.name == ENCODER_FILE or (model / ENCODER_FILE).is_file():
+        raise DepthpipeError(
+            f"{model}: an encoder, not a fine-tuned depth network; --model takes a "
+            "models/finetune/<name> folder or one downloaded with "
+            "`dvc artifacts get <repo> depth-<name>`"
+        )
+
+
 def predict_files(images: list[Path], model: Path, out: Path) -> list[tuple[Path, str]]:
     """Process every image; return the (file, reason) of those that were skipped."""
+    check_not_encoder(model)
     prepare_output(out)
     net, spec = load_finetuned(model)
     failures: list[tuple[Path, str]] = []
@@ -212,7 +228,8 @@ def main() -> None:
         "--model",
         type=Path,
         required=True,
-        help=f"a models/finetune/<name> folder or its {MODEL_WEIGHTS}",
+        help=f"a models/finetune/<name> folder (or one downloaded with `dvc artifacts get <repo> "
+        f"depth-<name>`) or its {MODEL_WEIGHTS}",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args()

@@ -25,6 +25,10 @@ def _round_trip() -> YAML:
     yaml = YAML()  # round-trip mode: keeps comments, order and flow style
     yaml.preserve_quotes = True
     yaml.width = 100
+    # ruamel writes None as an empty value; params.yaml spells it null (data.local.diode: null).
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     return yaml
 
 
@@ -35,6 +39,9 @@ def apply_overrides(target: Any, overrides: dict[str, Any], key: str = "") -> No
             raise ConfigError(f"profile key {dotted}: not in params.yaml")
         if isinstance(value, dict):
             apply_overrides(target[name], value, dotted)
+        elif isinstance(value, list) and isinstance(target[name], list):
+            # In place: the sequence keeps its flow style ([outdoor]) and its comment.
+            target[name][:] = value
         else:
             target[name] = value
 

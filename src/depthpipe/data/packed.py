@@ -57,7 +57,9 @@ def resize_sample(
 
 @dataclass
 class PackedWriter:
-    """Fills a split's arrays one sample at a time, then trims them to the samples written."""
+    """A split's arrays made for ``capacity`` samples. Any process fills slot ``i`` with
+    ``write_slot`` (so preprocess's workers write straight to disk instead of sending 6 MB per
+    full-size sample back through a pipe); ``close`` keeps the filled slots in order."""
 
     folder: Path
     capacity: int
@@ -68,42 +70,55 @@ class PackedWriter:
         h, w = self.size
         shapes = {"images": (h, w, 3), "depth": (h, w), "mask": (h, w)}
         dtypes = {"images": np.uint8, "depth": np.float32, "mask": np.bool_}
-        self._arrays = {
-            name: np.lib.format.open_memmap(
+        for name in ARRAYS:
+            array = np.lib.format.open_memmap(
                 self.folder / f"{name}.npy",
                 mode="w+",
                 dtype=dtypes[name],
                 shape=(self.capacity, *shapes[name]),
             )
-            for name in ARRAYS
-        }
-        self._entries: list[dict[str, str]] = []
-
-    def add(
-        self, image: np.ndarray, depth: np.ndarray, mask: np.ndarray, entry: dict[str, str]
-    ) -> None:
-        i = len(self._entries)
-        image, depth, mask = resize_sample(image, depth, mask, self.size)
-        self._arrays["images"][i] = image
-        self._arrays["depth"][i] = np.where(mask, depth, 0.0)
-        self._arrays["mask"][i] = mask
-        self._entries.append(entry)
-
-    def close(self) -> int:
-        """Flush, shrink the arrays to the samples actually added, write the index."""
-        count = len(self._entries)
-        for name, array in self._arrays.items():
             array.flush()
-            if count < self.capacity:
-                # Write the trimmed copy to a new file: truncating a mapped file in place would
-                # pull the pages out from under the memmap.
-                trimmed = self.folder / f"{name}.trimmed.npy"
-                np.save(trimmed, array[:count])
-                os.replace(trimmed, self.folder / f"{name}.npy")
-        self._arrays.clear()
-        index = {"height": self.size[0], "width": self.size[1], "samples": self._entries}
+            del array
+
+    def close(self, filled: list[tuple[int, dict[str, str]]]) -> int:
+        """Keep the slots of ``filled`` ((slot, index entry), slots ascending) in that order,
+        drop the others, write the index; return the sample count."""
+        slots = [slot for slot, _ in filled]
+        if slots != list(range(self.capacity)):
+            for name in ARRAYS:
+                _keep_slots(self.folder / f"{name}.npy", slots)
+        entries = [entry for _, entry in filled]
+        index = {"height": self.size[0], "width": self.size[1], "samples": entries}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-        return count
+        return len(entries)
+
+
+def write_slot(
+    folder: Path, slot: int, image: np.ndarray, depth: np.ndarray, mask: np.ndarray
+) -> None:
+    """Write one sample, already at the split's size, into slot ``slot`` of a PackedWriter's
+    arrays (from any process: each slot is its own byte range of the files)."""
+    values = {"images": image, "depth": np.where(mask, depth, 0.0), "mask": mask}
+    for name in ARRAYS:
+        array = np.load(folder / f"{name}.npy", mmap_mode="r+")
+        array[slot] = values[name]
+        array.flush()
+        del array
+
+
+def _keep_slots(path: Path, slots: list[int]) -> None:
+    """Rewrite a .npy array with only ``slots``, copied one at a time (a split at full size is
+    larger than memory). A new file: truncating a mapped one would pull pages from under it."""
+    source = np.load(path, mmap_mode="r")
+    trimmed = path.with_name(f"{path.stem}.trimmed.npy")
+    target = np.lib.format.open_memmap(
+        trimmed, mode="w+", dtype=source.dtype, shape=(len(slots), *source.shape[1:])
+    )
+    for row, slot in enumerate(slots):
+        target[row] = source[slot]
+    target.flush()
+    del target, source
+    os.replace(trimmed, path)
 
 
 def read_index(folder: Path) -> dict:

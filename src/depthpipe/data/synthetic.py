@@ -363,8 +363,11 @@ def write_diode_split(
     views: int,
     size: tuple[int, int],
     seed: int,
+    *,
+    domain: str,
 ) -> int:
-    """Render ``scans`` x ``views`` samples per scene into DIODE's layout; return the count."""
+    """Render ``scans`` x ``views`` samples per scene into DIODE's layout under ``domain``'s
+    folder (the scenes are the same kind of street for either domain); return the count."""
     width, height = size
     count = 0
     for scene_id in scene_ids:
@@ -373,7 +376,7 @@ def write_diode_split(
             scan_id = scene_id * 100 + scan_index
             for view in range(views):
                 camera, a, b = view_camera(seed, scene_id, scan_id, view, width, height)
-                files = diode.sample_files(root, split, scene_id, scan_id, a, b)
+                files = diode.sample_files(root, split, domain, scene_id, scan_id, a, b)
                 _write_diode_sample(files, *render(scene, camera))
                 count += 1
     return count

@@ -63,6 +63,10 @@ def lightly_arguments(params: Params, preset: str) -> dict[str, Any]:
         "num_workers": cfg.trainer.num_workers,
         "seed": params.seed,
         "transform_args": transform_args,
+        # reference_batch_size = the batch itself: LightlyTrain's lr scaling becomes 1, so
+        # pretrain.lr is the rate used, whatever the batch size.
+        "optim_args": {"lr": cfg.lr},
+        "method_args": {"reference_batch_size": cfg.batch_size},
         **trainer_kwargs(cfg.trainer),
     }
 
