@@ -10,11 +10,12 @@ from PIL import Image
 
 from depthpipe.config import load_params
 from depthpipe.data.packed import PackedDepthDataset
+from depthpipe.errors import DepthpipeError
 from depthpipe.metrics import depth_metrics
 from depthpipe.model import load_finetuned, network_input
 from depthpipe.paths import ProjectPaths, project_paths
 from depthpipe.stages import evaluate
-from tests.helpers import run_module, write_params
+from tests.helpers import REPO, run_module, write_params
 
 
 def test_evaluate__writes_fixed_keys_and_pictures(scored_project: Path) -> None:
@@ -207,3 +208,38 @@ def test_over_prior__each_network_against_the_floor() -> None:
     assert gains["scratch_delta1"] == pytest.approx(1.0) and gains["scratch_delta1_low"] > 0
     assert gains["encoder_abs_rel"] == pytest.approx(0.0)
     assert gains["encoder_abs_rel_low"] == pytest.approx(0.0) == gains["encoder_abs_rel_high"]
+
+
+def _test_image(name: str, scan: str, valid: bool, encoder_error: float) -> evaluate.TestImage:
+    depth = np.full((4, 6), 10.0, dtype=np.float32)
+    return evaluate.TestImage(
+        name=name,
+        scan=scan,
+        image=np.zeros((4, 6, 3), dtype=np.uint8),
+        depth=depth,
+        valid=np.full((4, 6), valid),
+        predictions={
+            "encoder": depth * (1 + encoder_error),
+            "scratch": depth * 2.0,
+            "prior": depth * 0.5,
+        },
+    )
+
+
+def test_score_images__an_image_without_valid_pixel_is_left_out_of_every_model() -> None:
+    """An image no model can be scored on drops out of all three (the comparison stays paired):
+    every model averages over the same two images, and the per-image rows name only those."""
+    params = load_params(REPO / "params.yaml")
+    images = [
+        _test_image("a", "scan_1", True, 0.1),
+        _test_image("empty", "scan_1", False, 5.0),  # would dominate encoder's mean if scored
+        _test_image("b", "scan_2", True, 0.3),
+    ]
+    averages, per_image = evaluate.score_images(iter(images), params)
+    assert [s.name for s in per_image] == ["a", "b"]
+    assert all(set(s.metrics) == set(evaluate.MODELS) for s in per_image)
+    assert averages["encoder"]["abs_rel"] == pytest.approx(0.2, rel=1e-6)  # (0.1 + 0.3) / 2
+    assert averages["scratch"]["abs_rel"] == pytest.approx(1.0, rel=1e-6)
+    assert averages["prior"]["abs_rel"] == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(DepthpipeError, match="no test image has a valid pixel"):
+        evaluate.score_images(iter([_test_image("empty", "s", False, 0.0)]), params)
