@@ -53,6 +53,27 @@ def test_pretrain__transform_args_follow_preset(project: Path) -> None:
     conservative = pretrain.lightly_arguments(params, "conservative")["transform_args"]
     assert conservative["random_rotation"]["degrees"] == 15.0
     assert conservative["random_flip"]["vertical_prob"] == 0.0
+    # pretrain.lr is passed as the rate itself: LightlyTrain's batch/reference scaling becomes 1
+    assert args["optim_args"] == {"lr": params.pretrain.lr}
+    assert args["method_args"] == {"reference_batch_size": params.pretrain.batch_size}
+
+
+@pytest.mark.slow
+def test_pretrain__optimiser_runs_at_pretrain_lr_whatever_the_batch(
+    project: Path, tmp_path: Path
+) -> None:
+    """LightlyTrain would scale the rate by batch/256 (0.004 x 8/256 = 1.25e-4 here); the rate it
+    logs must be pretrain.lr itself, up to the cosine decay (6 steps, logged at steps 2 and 5)."""
+    write_params(project, {"pretrain": {"lr": 0.004, "batch_size": 8, "epochs": 2}})
+    params = load_params(project_paths(project).params)
+    arguments = pretrain.lightly_arguments(params, "conservative")
+    pretrain.pretrain(arguments, project_paths(project).processed_megadepth, tmp_path / "lt", False)
+    rows = [json.loads(line) for line in (tmp_path / "lt" / "metrics.jsonl").open()]
+    rates = [
+        v for row in rows for k, v in row.items() if k.startswith("lr-") and k.endswith("/params")
+    ]
+    assert rates, "LightlyTrain logged no learning rate"
+    assert 0.5 * 0.004 <= max(rates) <= 0.004 * (1 + 1e-6)
 
 
 def test_pretrain__unknown_preset_and_empty_folder(project: Path) -> None:
