@@ -9,6 +9,7 @@ plugin; without this marker pytest warns that it cannot rewrite asserts (there a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +39,9 @@ class Faults:
     ignore_range: bool = False  # answer every GET 200 with the whole file, as http.server does
     fail_first: int = 0  # answer the first n GETs with 503
     status: int | None = None  # answer every request with this status (e.g. 404)
+    # first GET: called before the body is sent, e.g. to fill the client's disk as another
+    # program would while a long download runs
+    before_first_body: Callable[[], None] | None = None
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Served:
     range: str | None
     status: int
     sent: int = 0
+    if_range: str | None = None  # the If-Range header, if any
 
 
 @dataclass
@@ -67,7 +72,11 @@ class FaultServer:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, path: str, data: bytes, faults: Faults | None = None) -> str:
-        """Serve ``data`` at ``/path``; returns its URL."""
+        """Serve ``data`` at ``/path`` (again: a new version of the file); returns its URL.
+
+        Every answer carries a strong ETag (the MD5 of the data, as S3 sends for a simple
+        upload), and a Range with an If-Range naming another ETag gets the whole file (200).
+        """
         self.files["/" + path.lstrip("/")] = (data, faults or Faults())
         return self.url(path)
 
@@ -128,19 +137,27 @@ class _Handler(BaseHTTPRequestHandler):
         if number and number <= faults.fail_first:
             self._empty(503)
             return
-        span = None if faults.ignore_range else _parse_range(requested, len(data))
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        if_range = self.headers.get("If-Range")
+        # RFC 9110 13.1.5: a validator that does not match means "send me the whole file".
+        honour = not faults.ignore_range and if_range in (None, etag)
+        span = _parse_range(requested, len(data)) if honour else None
         if span is not None and span[0] >= len(data):
             self._empty(416, {"Content-Range": f"bytes */{len(data)}"})
             return
         first, last = span or (0, len(data) - 1)
-        served = state.record(Served(self.command, self.path, requested, 206 if span else 200))
+        status = 206 if span else 200
+        served = state.record(Served(self.command, self.path, requested, status, 0, if_range))
         self.send_response(served.status)
+        self.send_header("ETag", etag)
         if span:
             self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
         self.send_header("Content-Length", str(last + 1 - first))
         self.send_header("Accept-Ranges", "none" if faults.ignore_range else "bytes")
         self.end_headers()
         if body:
+            if number == 1 and faults.before_first_body is not None:
+                faults.before_first_body()
             self._body(data[first : last + 1], faults, number == 1, served)
 
     def _empty(self, status: int, headers: dict[str, str] | None = None) -> None:

@@ -124,7 +124,9 @@ class DataConfig(Section):
             raise ValueError("name at least one of outdoor, indoors")
         if len(set(domains)) != len(domains):
             raise ValueError(f"{domains}: a domain is listed twice")
-        return domains
+        # One canonical order: the same domains give the same fetch outputs and report whatever
+        # order params.yaml lists them in.
+        return sorted(domains)
 
     @model_validator(mode="after")
     def _local_folders(self) -> DataConfig:

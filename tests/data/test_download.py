@@ -127,6 +127,31 @@ def test_download_file__a_server_ignoring_range_restarts_the_file_cleanly(
     assert listing(tmp_path) == ["f.bin"]
 
 
+def test_download_file__a_file_changed_on_the_server_since_the_partial_restarts_it(
+    fault_server: FaultServer, tmp_path: Path
+) -> None:
+    """The first run is cut off; before the rerun the server's file is replaced by another of
+    the same size. Range alone would splice old and new bytes (and fail the MD5 after the whole
+    transfer); If-Range with the kept ETag gets the new file whole and restarts cleanly."""
+    url = fault_server.add("f.bin", DATA, Faults(drop_after=DROP))
+    with pytest.raises(DownloadError, match="run again to resume"):
+        download_file(url, tmp_path / "f.bin", md5=None, retries=0, **FAST)
+    etag = f'"{MD5}"'
+    assert (tmp_path / "f.bin.partial.validator").read_text().strip() == etag
+
+    new = bytes(reversed(DATA))
+    fault_server.add("f.bin", new)
+    result = download_file(url, tmp_path / "f.bin", md5=hashlib.md5(new).hexdigest(), **FAST)
+
+    first, second = fault_server.requests("f.bin")
+    assert (first.range, first.if_range, first.sent) == (None, None, DROP)
+    # asked for the rest of the old version; got the whole new one
+    assert (second.range, second.if_range, second.status) == (f"bytes={DROP}-", etag, 200)
+    assert (tmp_path / "f.bin").read_bytes() == new
+    assert (result.resumed_from, result.restarts, result.fetched) == (0, 0, len(new))
+    assert listing(tmp_path) == ["f.bin"]  # neither the partial file nor its validator
+
+
 def test_download_file__503_is_retried_with_back_off(
     fault_server: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -324,6 +349,15 @@ def test_stream_extract__wrong_md5_raises_after_extracting(
     assert url in str(error.value) and "what was extracted from it must be removed" in str(
         error.value
     )
+    assert (tmp_path / "a").is_dir()  # without discard the caller removes it
+
+    def discard() -> None:
+        shutil.rmtree(tmp_path / "c")
+
+    with pytest.raises(DownloadError, match=r"\(what was extracted from it was removed\)"):
+        extract = Extractor(tmp_path / "c")
+        stream_extract(url, md5="f" * 32, extract=extract, discard=discard, **FAST)
+    assert not (tmp_path / "c").exists()
 
     _, md5 = stream_extract(url, md5=None, extract=Extractor(tmp_path / "b"), **FAST)
     assert md5 == ARCHIVE_MD5 and f"val.tar.gz: md5 {ARCHIVE_MD5}" in capsys.readouterr().out

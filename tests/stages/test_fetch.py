@@ -10,13 +10,18 @@ source must produce exactly the synthetic source's raw folders.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,8 @@ from typing import Any
 import pytest
 
 from depthpipe.config import load_params
-from depthpipe.data import diode, download, megadepth
+from depthpipe.data import diode, megadepth, official
+from depthpipe.data.download import DownloadError
 from depthpipe.errors import DepthpipeError
 from depthpipe.paths import ProjectPaths, project_paths
 from depthpipe.stages import fetch, fingerprint, preprocess
@@ -220,7 +226,8 @@ def test_fetch_official__stream_gives_the_synthetic_layout_without_archives(
     assert archives["megadepth"]["md5_pinned"] is False
     assert archives["diode_train"]["md5_pinned"] is True and archives["diode_train"]["stream"]
     assert archives["megadepth"]["skipped"] == 8  # the depth maps
-    assert work_files(paths) == []  # no archive ever landed, no extraction left
+    kept = work_files(paths)
+    assert not any(name.startswith("archives/") for name in kept), kept  # none ever landed
 
 
 def test_fetch_official__wrong_md5_exits_2_extracts_nothing_removes_the_file(
@@ -266,7 +273,8 @@ def test_fetch_official__rerun_reuses_what_an_interrupted_run_finished(
     assert digest(paths.raw_diode) == digest(release.diode)
     assert [r.status for r in fault_server.requests("train.tar.gz")] == [200]
     assert [r.status for r in fault_server.requests("val.tar.gz")] == [200]
-    assert work_files(paths) == []  # archives deleted once extracted, records once published
+    kept = work_files(paths)
+    assert not any(name.startswith("archives/") for name in kept), kept  # deleted once extracted
 
 
 def test_fetch_official__404_names_the_url_and_writes_nothing(
@@ -329,22 +337,231 @@ def test_fetch_official__manifest_check_names_the_missing_file(
     assert_nothing_published(paths)
 
 
-def test_fetch_official__too_little_disk_is_refused_before_downloading(
+def test_fetch_official__stream_with_a_wrong_md5_keeps_nothing_of_that_archive(
+    release: Release, fault_server: FaultServer, manifest: Path, tmp_path: Path
+) -> None:
+    urls = {key: fault_server.add(f"{key}.tar.gz", data) for key, data in release.archives.items()}
+    wrong = {"train_md5": "0" * 32, "val_md5": md5(release.archives["val"])}
+    params, paths = project(tmp_path, official_params(urls, stream=True, **wrong))
+
+    with pytest.raises(DownloadError) as error:
+        fetch.run(params, paths)
+
+    assert str(error.value) == (
+        f"{urls['train']}: MD5 mismatch: expected {'0' * 32}, got {md5(release.archives['train'])}"
+        " (what was extracted from it was removed); the server's file differs from the pinned "
+        "one, or the transfer was corrupted: run again, and if it persists check the URL and md5 "
+        "in params.yaml"
+    )
+    # train was extracted completely before the MD5 was known: neither the folder nor a staging
+    # folder is left; val (right MD5) waits for the rerun; nothing reached data/raw.
+    extracted = sorted(p.name for p in (paths.fetch_workdir / "extracted").iterdir())
+    assert [name.split("-")[0] for name in extracted] == ["diode_val", "diode_val"], extracted
+    assert not (paths.fetch_workdir / "archives").exists()
+    assert_nothing_published(paths)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted at ``folder`` (needs root or CAP_SYS_ADMIN)."""
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("a small filesystem is made with Linux's mount -t tmpfs")
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        # Lazy (-l) if a file is still open: the mount must never outlive the test.
+        if subprocess.run(["umount", str(folder)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path, leave: int) -> Callable[[], None]:
+    """What another program does while a download runs: fill the disk up to ``leave`` bytes."""
+
+    def run() -> None:
+        stats = os.statvfs(folder)
+        free = stats.f_bavail * stats.f_frsize
+        with (folder / "filler").open("wb") as f:
+            f.truncate(0)
+            f.write(b"\0" * max(0, free - leave))
+
+    return run
+
+
+def room_for(release: Release) -> int:
+    """Bytes a tmpfs needs for a whole fetch of the release (archives and extractions), twice:
+    the free-space check passes whatever its estimate."""
+    archives = sum(len(data) for data in release.archives.values())
+    extracted = sum(p.stat().st_size for p in release.diode.parent.rglob("*") if p.is_file())
+    return 2 * (archives + extracted) + 2**20
+
+
+SIZE_IN_MESSAGE = re.compile(r"([\d.]+) ([KMGT]?B)")
+SCALE = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def as_bytes(text: str) -> float:
+    match = SIZE_IN_MESSAGE.fullmatch(text)
+    assert match is not None, text
+    return float(match[1]) * SCALE[match[2]]
+
+
+def test_fetch_official__too_little_disk_is_refused_before_any_get(
+    release: Release, fault_server: FaultServer, manifest: Path, tmp_path: Path
+) -> None:
+    urls = {key: fault_server.add(f"{key}.tar.gz", data) for key, data in release.archives.items()}
+    params, paths = project(tmp_path, official_params(urls))
+    archives = official.plan(params.data)
+    keys = {"diode_train": "train", "diode_val": "val", "megadepth": "megadepth"}
+    sizes = {a.name: len(release.archives[keys[a.name]]) for a in archives}
+    needed = max(sizes.values()) + sum(round(sizes[a.name] * a.expansion) for a in archives)
+
+    with small_disk(paths.fetch_workdir.parent, 64 * 1024), pytest.raises(DepthpipeError) as error:
+        fetch.run(params, paths)
+
+    match = re.fullmatch(
+        r"fetch \((.+) to download \+ about (.+) extracted\) needs (.+) at (.+) but only (.+) is "
+        "free",
+        str(error.value),
+    )
+    assert match is not None, str(error.value)
+    assert match[4] == str(paths.fetch_workdir)
+    assert as_bytes(match[1]) == pytest.approx(max(sizes.values()), rel=0.01)
+    assert as_bytes(match[3]) == pytest.approx(needed, rel=0.01)
+    assert as_bytes(match[5]) == 64 * 1024  # the tmpfs, empty
+    assert {r.method for r in fault_server.log} == {"HEAD"}  # sizes asked, no GET at all
+    assert_nothing_published(paths)
+
+
+def test_fetch_official__disk_filling_up_during_the_download_keeps_the_partial_file(
+    release: Release, fault_server: FaultServer, manifest: Path, tmp_path: Path
+) -> None:
+    """The free-space check passes, then another program fills the disk while DIODE train
+    downloads: a one-line error (no traceback), nothing in data/raw, and once space is freed
+    the rerun resumes from the bytes kept."""
+    train = release.archives["train"]
+    work = tmp_path / ".depthpipe"
+    urls = {key: fault_server.add(f"{key}.tar.gz", data) for key, data in release.archives.items()}
+    faults = Faults(before_first_body=fill(work, leave=len(train) // 2))
+    urls["train"] = fault_server.add("train.tar.gz", train, faults)
+    params, paths = project(tmp_path, official_params(urls, **pinned(release)))
+    partial = official.WorkFolder(paths.fetch_workdir).archive(official.plan(params.data)[1])
+    partial = partial.with_name(partial.name + ".partial")
+
+    with small_disk(work, room_for(release)):
+        result = run_module(
+            "depthpipe.stages.fetch", cwd=tmp_path, env={diode.MANIFEST_ENV: str(manifest)}
+        )
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        match = re.search(
+            rf"{re.escape(urls['train'])}: cannot write {re.escape(str(partial))} \(No space left "
+            r"on device\); the (\d+) bytes received so far are kept in it: free space and run "
+            "again to resume",
+            result.stderr,
+        )
+        assert match is not None, result.stderr
+        kept = int(match[1])
+        assert 0 < kept < len(train) and partial.stat().st_size == kept
+        assert_nothing_published(paths)
+
+        (work / "filler").unlink()
+        fetch.run(params, paths)
+
+    first, second = fault_server.requests("train.tar.gz")
+    assert first.range is None
+    assert (second.range, second.status) == (f"bytes={kept}-", 206)
+    assert second.sent == len(train) - kept  # the kept bytes were not fetched again
+    assert digest(paths.raw_diode) == digest(release.diode)
+
+
+def test_fetch_official__disk_filling_up_during_a_streamed_extraction(
+    release: Release, fault_server: FaultServer, manifest: Path, tmp_path: Path
+) -> None:
+    work = tmp_path / ".depthpipe"
+    urls = {key: fault_server.add(f"{key}.tar.gz", data) for key, data in release.archives.items()}
+    faults = Faults(before_first_body=fill(work, leave=8192))
+    urls["train"] = fault_server.add("train.tar.gz", release.archives["train"], faults)
+    params, paths = project(tmp_path, official_params(urls, stream=True))
+
+    with small_disk(work, room_for(release)), pytest.raises(DepthpipeError) as error:
+        fetch.run(params, paths)
+
+    message = str(error.value)
+    assert "No space left on device" in message, message
+    assert message.endswith("nothing of this extraction is kept: free space and run again")
+    assert not any("diode_train" in name for name in work_files(paths))
+    assert_nothing_published(paths)
+
+
+def test_fetch_official__rerun_relinks_the_kept_extractions_without_downloading(
+    release: Release, fault_server: FaultServer, manifest: Path, tmp_path: Path
+) -> None:
+    """fetch re-runs on any change to its code or data params: that must not download the
+    archives again (283 GB for real), only link the kept extractions once more."""
+    urls = {key: fault_server.add(f"{key}.tar.gz", data) for key, data in release.archives.items()}
+    params, paths = project(tmp_path, official_params(urls, **pinned(release)))
+    counts = fetch.run(params, paths)
+    first = (digest(paths.raw_diode), digest(paths.raw_megadepth))
+    served = len(fault_server.log)
+
+    report = json.loads(paths.fetch_report.read_text())
+    files = 3 * (counts["diode_train"] + counts["diode_val"]) + counts["megadepth"]
+    assert report["link"] == {"hardlink": files}  # /tmp is one filesystem without reflinks
+    photo = next(paths.raw_megadepth.rglob("*.jpg"))
+    kept = [p for p in (paths.fetch_workdir / "extracted").rglob(photo.name)]
+    assert len(kept) == 1 and kept[0].stat().st_ino == photo.stat().st_ino
+
+    counts_again = fetch.run(params, paths)  # e.g. after a change to the code
+
+    assert fault_server.log[served:] == []  # not even a HEAD: nothing was pending
+    assert counts_again == counts
+    assert (digest(paths.raw_diode), digest(paths.raw_megadepth)) == first
+    assert digest(paths.raw_diode) == digest(release.diode)
+
+    subset = {"data": {"megadepth_max_images": 3}}
+    params, paths = project(tmp_path, official_params(urls, **pinned(release)), subset)
+    assert fetch.run(params, paths)["megadepth"] == 3
+    assert fault_server.log[served:] == []
+    extraction = official.WorkFolder(paths.fetch_workdir).extraction(official.plan(params.data)[2])
+    assert len(list(extraction.rglob("*.jpg"))) == 8  # the subset only left photos unlinked
+
+
+def test_fetch_official__a_failure_while_publishing_keeps_the_extractions(
     release: Release,
     fault_server: FaultServer,
     manifest: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A failure after the files were linked into the staging folders (here: counting them)
+    loses nothing: the rerun downloads nothing."""
     urls = {key: fault_server.add(f"{key}.tar.gz", data) for key, data in release.archives.items()}
-    params, paths = project(tmp_path, official_params(urls))
-    monkeypatch.setattr(download, "free_bytes", lambda folder: 4096)  # a nearly full disk
+    params, paths = project(tmp_path, official_params(urls, **pinned(release)))
 
-    with pytest.raises(DepthpipeError, match=r"fetch \(.* to download \+ about .* extracted\) "):
-        fetch.run(params, paths)
+    def broken(*_: Any) -> fetch.Counts:
+        raise DepthpipeError("failed after linking")
 
-    assert [r.method for r in fault_server.log] == ["HEAD"] * 3  # sizes asked, nothing fetched
+    with monkeypatch.context() as patch:
+        patch.setattr(fetch, "_counts", broken)
+        with pytest.raises(DepthpipeError, match="failed after linking"):
+            fetch.run(params, paths)
     assert_nothing_published(paths)
+    served = len(fault_server.log)
+
+    fetch.run(params, paths)
+
+    assert fault_server.log[served:] == []
+    assert digest(paths.raw_diode) == digest(release.diode)
+    assert digest(paths.raw_megadepth) == digest(release.megadepth)
 
 
 # -- local ----------------------------------------------------------------------------------
@@ -375,9 +592,36 @@ def test_fetch_local__links_the_synthetic_layout(
     assert digest(paths.raw_diode) == digest(release.diode)
     assert digest(paths.raw_megadepth) == digest(release.megadepth)
     report = json.loads(paths.fetch_report.read_text())
-    assert sum(report["link"].values()) == counts["diode_train"] * 3 + counts["diode_val"] * 3 + 8
-    assert set(report["link"]) <= {"reflink", "hardlink", "copy"}
+    files = counts["diode_train"] * 3 + counts["diode_val"] * 3 + 8
+    # /tmp is one filesystem without reflinks (ext4 here): every file is a hard link to the copy
+    assert report["link"] == {"hardlink": files}
+    assert same_inodes(paths.raw_diode, release.diode) == files - 8
+    assert same_inodes(paths.raw_megadepth, release.megadepth) == 8
     assert report["fingerprint"]["diode"]["files"] == 48
+
+
+def same_inodes(linked: Path, source: Path) -> int:
+    """How many files under ``linked`` are the very file (inode) at the same place in source."""
+    pairs = [(p, source / p.relative_to(linked)) for p in linked.rglob("*") if p.is_file()]
+    return sum(os.path.samefile(a, b) for a, b in pairs)
+
+
+def test_fetch_local__a_folder_on_another_filesystem_is_copied_the_other_still_linked(
+    release: Release, manifest: Path, tmp_path: Path
+) -> None:
+    """DIODE on a small tmpfs (a hard link across filesystems fails with EXDEV), MegaDepth
+    beside the project: the failure on one device must not turn the other's links into copies."""
+    with small_disk(tmp_path / "other-disk", room_for(release)) as disk:
+        shutil.copytree(release.diode, disk / "diode")
+        params, paths = project(tmp_path / "p", local_params(disk / "diode", release.megadepth))
+        counts = run_local(params, paths)
+
+        report = json.loads(paths.fetch_report.read_text())
+        diode_files = 3 * (counts["diode_train"] + counts["diode_val"])
+        assert report["link"] == {"copy": diode_files, "hardlink": 8}
+        assert same_inodes(paths.raw_diode, disk / "diode") == 0
+        assert same_inodes(paths.raw_megadepth, release.megadepth) == 8
+        assert digest(paths.raw_diode) == digest(release.diode)
 
 
 def test_fetch_local__wrong_layout_names_the_first_thing_missing(
@@ -425,6 +669,16 @@ def test_fetch_local__changed_after_fingerprinting_is_refused(
     with pytest.raises(DepthpipeError, match=r"data\.local changed since the fingerprint stage"):
         fetch.run(params, paths)
     assert_nothing_published(paths)
+
+
+def test_diode_domains__any_order_gives_the_same_data_and_report(tmp_path: Path) -> None:
+    outputs = []
+    for order in (BOTH, BOTH[::-1]):
+        params, paths = project(tmp_path / "-".join(order), {"data": {"diode_domains": order}})
+        assert params.data.diode_domains == sorted(BOTH)
+        fetch.run(params, paths)
+        outputs.append((digest(paths.raw_diode), paths.fetch_report.read_bytes()))
+    assert outputs[0] == outputs[1]
 
 
 # -- MegaDepth subset -----------------------------------------------------------------------
@@ -534,7 +788,7 @@ def test_dvc_repro__official_then_local_give_the_synthetic_data_and_watch_the_fo
     assert paths.preprocess_report.read_bytes() == synthetic.preprocess_report.read_bytes()
     megadepth_md5 = md5(release.archives["megadepth"])
     assert f"megadepth md5 {megadepth_md5}: pin it as data.official.megadepth.md5" in output
-    assert work_files(paths) == []
+    assert not any(name.startswith("archives/") for name in work_files(paths))
 
     local_copy = tmp_path / "local"
     shutil.copytree(release.diode, local_copy / "diode")

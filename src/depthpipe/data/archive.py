@@ -190,13 +190,20 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, out: Path) -> i
         out.parent.mkdir(parents=True, exist_ok=True)
         f = out.open("wb")
     except OSError as error:
-        raise DepthpipeError(f"cannot write member {member.name!r} to {out}: {error}") from error
+        raise DepthpipeError(
+            f"cannot write member {member.name!r} to {out}: {error}; nothing of this extraction "
+            "is kept"
+        ) from error
     with f:
         while chunk := data.read(CHUNK):  # a read error is the archive's, not the disk's
             try:
                 f.write(chunk)
             except OSError as error:
-                raise DepthpipeError(f"cannot write {out}: {error}") from error
+                # Mostly a full disk: the staging folder is removed by extract_tar, so say so.
+                raise DepthpipeError(
+                    f"cannot write {out}: {error}; nothing of this extraction is kept: free "
+                    "space and run again"
+                ) from error
             written += len(chunk)
     return written
 

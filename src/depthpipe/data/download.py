@@ -2,7 +2,10 @@
 
 ``download_file`` streams into ``<dest>.partial``, resumes it with an HTTP Range request after any
 interruption (in this run or an earlier, killed one), retries with exponential back-off, and
-renames to ``dest`` only after the size and the MD5 are verified. ``stream_extract`` is the
+renames to ``dest`` only after the size and the MD5 are verified. The server's ETag (or
+Last-Modified) is kept beside the partial file in ``<dest>.partial.validator`` and sent as
+``If-Range`` on resume, so a file that changed on the server in between comes back whole (200)
+and restarts the partial file instead of being spliced onto the old bytes. ``stream_extract`` is the
 no-disk variant: the archive is extracted while it downloads, hashing the same bytes.
 
 The transfer uses urllib3 (what requests and botocore are built on; typed, and it lets us turn
@@ -11,6 +14,7 @@ off content decoding so the bytes hashed are exactly the bytes the server stores
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import io
@@ -138,7 +142,8 @@ def _bar(label: str, total: int | None, initial: int, enabled: bool) -> Iterator
         unit_scale=True,
         unit_divisor=1024,
         file=sys.stderr,
-        disable=not enabled,
+        # None: off when stderr is not a terminal (DVC's log, CI), so no bar floods the log.
+        disable=None if enabled else True,
         dynamic_ncols=True,
     )
     try:
@@ -164,6 +169,7 @@ class _Partial:
 
     def __init__(self, path: Path, label: str, progress: bool) -> None:
         self.path = path
+        self.validator_path = path.with_name(path.name + ".validator")
         self.discarded = False
         self.received = 0  # bytes that came over the network in this run
         if path.exists():
@@ -171,6 +177,28 @@ class _Partial:
             self.digest, self.size = _md5_of_file(path, label, progress)
         else:
             self.digest, self.size = hashlib.md5(usedforsecurity=False), 0
+            self.validator_path.unlink(missing_ok=True)  # of a partial file that is gone
+
+    def validator(self) -> str | None:
+        """The ETag or Last-Modified of the version the kept bytes came from, if known."""
+        if not self.size or not self.validator_path.is_file():
+            return None
+        return self.validator_path.read_text().strip() or None
+
+    def remember(self, response: urllib3.BaseHTTPResponse) -> None:
+        """Keep the validator of the version now being appended (none: resume without it)."""
+        etag = response.headers.get("ETag")
+        # If-Range takes only a strong ETag; a weak one (W/) would never match.
+        strong = etag if etag and not etag.startswith("W/") else None
+        value = strong or response.headers.get("Last-Modified")
+        if value:
+            self.validator_path.write_text(value + "\n")
+        else:
+            self.validator_path.unlink(missing_ok=True)
+
+    def forget(self) -> None:
+        """The download is complete (or thrown away): its validator is no longer needed."""
+        self.validator_path.unlink(missing_ok=True)
 
     def restart(self) -> None:
         """Throw away every byte: the next write starts the file again."""
@@ -219,7 +247,10 @@ def _expected_total(response: urllib3.BaseHTTPResponse, part: _Partial, url: str
         part.restart()
         raise _Transient(f"asked for bytes {part.size}- but got a range starting at {start}")
     if part.size:
-        _say(f"{url}: the server ignored the Range request (HTTP 200): starting again at byte 0")
+        _say(
+            f"{url}: the server sent the whole file (HTTP 200: it ignores Range, or the file "
+            "changed since the partial download): starting again at byte 0"
+        )
         part.restart()
     return _header_int(response, "Content-Length")
 
@@ -227,6 +258,11 @@ def _expected_total(response: urllib3.BaseHTTPResponse, part: _Partial, url: str
 def _attempt(pool: urllib3.PoolManager, part: _Partial, s: _Settings) -> int | None:
     """One GET appending to the partial file; returns the total size if the server said."""
     headers = {"Range": f"bytes={part.size}-"} if part.size else {}
+    validator = part.validator()
+    if validator is not None:
+        # The server sends the rest only if the file is still the version the kept bytes came
+        # from, else the whole (new) file with 200, which restarts the partial file cleanly.
+        headers["If-Range"] = validator
     response = _request(pool, "GET", s.url, headers, s.timeout)
     try:
         if response.status == 416:
@@ -237,6 +273,7 @@ def _attempt(pool: urllib3.PoolManager, part: _Partial, s: _Settings) -> int | N
             part.restart()
             raise _Transient(f"the partial file is not a prefix of the remote file ({total} B)")
         total = _expected_total(response, part, s.url)
+        part.remember(response)
         with _bar(s.label, total, part.size, s.progress) as bar:
             part.append(response, bar)
     finally:
@@ -355,23 +392,45 @@ def download_file(
             return ""
         return f"; the {part.size} bytes so far are kept in {part.path}: run again to resume"
 
-    total = _with_retries(attempt, settings, grew, resumable)
+    try:
+        total = _with_retries(attempt, settings, grew, resumable)
+    except OSError as error:
+        # Network errors became _Transient or DownloadError: an OSError here is the disk's
+        # (ENOSPC above all, when something else filled the disk after the free-space check).
+        raise _write_failed(url, part.path, error) from error
     actual = _verify(part, url, total, md5)
     os.replace(part.path, dest)
+    part.forget()
     if md5 is None:
         _announce_md5(label, actual)
     resumed_from = 0 if part.discarded else kept
     return Downloaded(dest, part.size, actual, resumed_from, attempts - 1, part.received)
 
 
+def _write_failed(url: str, partial: Path, error: OSError) -> DownloadError:
+    kept = partial.stat().st_size if partial.is_file() else 0
+    reason = error.strerror or str(error)
+    todo = (
+        "free space and run again to resume"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "fix that and run again to resume"
+    )
+    return DownloadError(
+        f"{url}: cannot write {partial} ({reason}); the {kept} bytes received so far are kept "
+        f"in it: {todo}"
+    )
+
+
 def _verify(part: _Partial, url: str, total: int | None, md5: str | None) -> str:
     """Size and MD5 of the finished partial file; a bad file is deleted."""
     if total is not None and part.size != total:
         part.path.unlink()
+        part.forget()
         raise DownloadError(f"{url}: got {part.size} bytes, the server announced {total}")
     actual: str = part.digest.hexdigest()
     if md5 is not None and actual != md5:
         part.path.unlink()
+        part.forget()
         raise _md5_mismatch(url, md5, actual, f"{part.path} was removed")
     return actual
 
@@ -406,7 +465,7 @@ def remote_size(url: str, *, timeout: float = 30.0) -> int | None:
     return None
 
 
-def _human(size: float) -> str:
+def human_size(size: float) -> str:
     # Powers of 1024, as `df -h` shows them and as the data sets quote their sizes
     # (DIODE's "81 GB" train archive is 86.7e9 bytes).
     for unit in ("B", "KB", "MB", "GB"):
@@ -430,7 +489,8 @@ def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
     free = free_bytes(folder)
     if needed_bytes > free:
         raise DepthpipeError(
-            f"{what} needs {_human(needed_bytes)} at {folder} but only {_human(free)} is free"
+            f"{what} needs {human_size(needed_bytes)} at {folder} but only {human_size(free)} "
+            "is free"
         )
 
 
@@ -503,6 +563,7 @@ def stream_extract(
     progress: bool = True,
     label: str | None = None,
     connect_timeout: float = 30.0,
+    discard: Callable[[], None] | None = None,
 ) -> tuple[T, str]:
     """Extract the archive at ``url`` while it downloads; return (extract's result, MD5).
 
@@ -511,7 +572,8 @@ def stream_extract(
     transfer starts again from byte 0 and **``extract`` is called again**. Each call must
     therefore start from scratch (write into a fresh folder, removing what an earlier call
     left). The MD5 covers every byte of the body, also those after what ``extract`` read. On an
-    MD5 mismatch DownloadError is raised and the caller must remove what was extracted.
+    MD5 mismatch ``discard`` is called (it removes what ``extract`` wrote) and DownloadError is
+    raised; without ``discard`` the caller must remove it, and the message says so.
     """
     name = label or url.rsplit("/", 1)[-1]
     md5 = md5.lower() if md5 else None
@@ -524,7 +586,10 @@ def stream_extract(
         lambda: _stream_once(pool, settings, extract), settings, progress_made=lambda: False
     )
     if md5 is not None and actual != md5:
-        raise _md5_mismatch(url, md5, actual, "what was extracted from it must be removed")
+        if discard is None:
+            raise _md5_mismatch(url, md5, actual, "what was extracted from it must be removed")
+        discard()
+        raise _md5_mismatch(url, md5, actual, "what was extracted from it was removed")
     if md5 is None:
         _announce_md5(name, actual)
     return result, actual

@@ -150,16 +150,19 @@ def _place(mode: str, source: Path, target: Path) -> None:
 
 @dataclass
 class Linker:
-    """Brings files in by the first mode that works; a mode that failed once is not tried
-    again (the filesystems do not change during one fetch)."""
+    """Brings files in by the first mode that works. A mode that failed once is not tried again
+    for sources on the same filesystem (device): whether a link works depends on the
+    filesystems, which do not change during one fetch, but DIODE and MegaDepth may sit on
+    different ones, so an EXDEV from one must not turn the other's links into copies."""
 
-    failed: set[str] = field(default_factory=set)
+    failed: set[tuple[int, str]] = field(default_factory=set)  # (source device, mode)
     counts: dict[str, int] = field(default_factory=dict)
 
     def bring(self, source: Path, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
+        device = source.stat().st_dev
         for mode in LINK_MODES:
-            if mode in self.failed:
+            if (device, mode) in self.failed:
                 continue
             try:
                 _place(mode, source, target)
@@ -167,7 +170,7 @@ class Linker:
                 target.unlink(missing_ok=True)
                 if mode == "copy":
                     raise DepthpipeError(f"cannot copy {source} to {target}: {error}") from error
-                self.failed.add(mode)
+                self.failed.add((device, mode))
                 continue
             self.counts[mode] = self.counts.get(mode, 0) + 1
             return

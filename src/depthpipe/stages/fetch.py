@@ -5,7 +5,7 @@ record where they came from (data/raw/fetch_report.json).
 
 - ``synthetic``: render the embedded procedural data set (no download);
 - ``official``: download the published archives into .depthpipe/fetch/ (resumable, verified,
-  safely extracted; see depthpipe.data.official);
+  safely extracted; see depthpipe.data.official) and hard-link the kept extractions into place;
 - ``local``: take extracted copies already on this machine as reflinks, hard links or copies
   (depthpipe.data.local); the fingerprint stage's file makes this stage re-run when they change.
 
@@ -123,24 +123,36 @@ def fetch_official(params: Params, paths: ProjectPaths) -> Counts:
         a.name: official.fetch_archive(a, work, stream=settings.stream, keep=settings.keep_archives)
         for a in archives
     }
+    # Hard links (a copy where they fail): the extractions stay in the work folder, so a rerun
+    # of this stage re-links them instead of downloading again, and nothing is lost if this
+    # block fails. MegaDepth's subset is chosen before linking: the rest is never linked.
+    linker = local.Linker()
+    files = {name: official.extracted_files(folder) for name, (folder, _) in done.items()}
+    photos = megadepth.select_subset(files["megadepth"], data.megadepth_max_images, data.seed)
+    files["megadepth"] = {photo: files["megadepth"][photo] for photo in photos}
     outs = (paths.raw_diode, paths.raw_megadepth, paths.fetch_report)
     with atomic_outputs(*outs) as (diode_dir, megadepth_dir, report):
-        photos = megadepth_dir / megadepth.ROOT_DIR
         targets = {
             "diode_val": diode_dir / DIODE_VAL_SPLIT,
             "diode_train": diode_dir / DIODE_TRAIN_SPLIT,
-            "megadepth": photos,
+            "megadepth": megadepth_dir / megadepth.ROOT_DIR,
         }
-        for name, (folder, _) in done.items():
-            official.move(folder, targets[name])
-        megadepth.prune_to_subset(photos, data.megadepth_max_images, data.seed)
+        for name, found in files.items():
+            local.bring_in(found, targets[name], linker)
         counts = _counts(diode_dir, megadepth_dir)
         details = {
             "diode": _domain_counts(diode_dir, data.diode_domains),
             "archives": {name: asdict(record) for name, (_, record) in done.items()},
+            "link": linker.counts,
         }
         report.write_text(_report(data, counts, **details))
-    official.forget(archives, work)
+    print(f"fetch: files linked from {paths.fetch_workdir} as {linker.counts}")
+    if "copy" in linker.counts:
+        print(
+            f"fetch: {linker.counts['copy']} files were copied, not linked ({paths.fetch_workdir} "
+            "and data/raw are on different filesystems, or links are not allowed): the "
+            "extractions take that space a second time"
+        )
     for name, (_, record) in done.items():
         if not record.md5_pinned:
             print(f"fetch: {name} md5 {record.md5}: pin it as data.official.{name}.md5")

@@ -1,0 +1,428 @@
+"""The pre-flight check (``python -m depthpipe.doctor``) and the launch files in launch/.
+
+The doctor runs as a real subprocess on a temporary copy of the project's DVC set-up with params
+written by tests/helpers.py; small disks and read-only remotes are real tmpfs mounts where this
+machine allows mounting (as root), else skipped. The pure decisions (precision and devices on a
+GPU node this machine does not have) are called directly with a ``Hardware`` value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from depthpipe import doctor
+from depthpipe.config import TrainerConfig, load_params, parse_params
+from depthpipe.data.packed import PackedWriter
+from depthpipe.paths import project_paths
+from depthpipe.stages import fetch
+from tests.helpers import REPO, committed_params, deep_merge, run_module, write_params
+
+LAUNCH = REPO / "launch"
+LAUNCH_FILES = (LAUNCH / "slurm.sbatch", LAUNCH / "torchrun.sh")
+# A synthetic data set far larger than any disk: 400 + 400 scenes x 99 scans x 216 views at
+# 4096x3072 (petabytes), within the config's bounds.
+HUGE = {
+    "data": {
+        "synthetic": {
+            "width": 4096,
+            "height": 3072,
+            "train_scenes": 400,
+            "val_scenes": 400,
+            "scans_per_scene": 99,
+            "views_per_scan": 216,
+        }
+    }
+}
+
+
+def _dvc_config(root: Path, remote: Path | str | None) -> None:
+    """.dvc/config as the committed one, with the default remote at ``remote`` (None: none)."""
+    lines = ["[cache]", '    type = "reflink,hardlink,copy"']
+    if remote is not None:
+        lines = [
+            "[core]",
+            "    remote = store",
+            *lines,
+            "['remote \"store\"']",
+            f"    url = {remote}",
+        ]
+    (root / ".dvc").mkdir(exist_ok=True)
+    (root / ".dvc" / "config").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A git + DVC project folder with the tiny params and an existing local-folder remote."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (tmp_path / "storage").mkdir()
+    _dvc_config(root, tmp_path / "storage")
+    write_params(root)
+    return root
+
+
+def _doctor(root: Path, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    result = run_module("depthpipe.doctor", "--root", str(root), cwd=root, env=env, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, result.stdout.splitlines()
+
+
+def _lines(lines: list[str], status: str, topic: str) -> list[str]:
+    return [line for line in lines if re.match(rf"{status} +{re.escape(topic)} ", line)]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Any]:
+    """mount(folder, size, read_only=False): a real small filesystem, unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str, read_only: bool = False) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+            capture_output=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(folder)
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+# --- the real module on a real project ------------------------------------------------------
+
+
+def test_doctor__committed_demo_params_pass(project: Path) -> None:
+    (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    code, lines = _doctor(project)
+    assert code == 0, "\n".join(lines)
+    assert not [line for line in lines if line.startswith("FAIL")], lines
+    for topic in ("params", "accelerator", "precision", "devices", "disk", "remote", "raw data"):
+        assert _lines(lines, "PASS", topic), f"no PASS {topic} line in {lines}"
+    assert len(_lines(lines, "PASS", "disk")) == 4  # fetch work folder, raw, processed, cache
+    assert any("reachable and writable" in line for line in _lines(lines, "PASS", "remote"))
+    assert _lines(lines, "PASS", "raw data") == [
+        "PASS raw data    not fetched yet (source synthetic)"
+    ]
+    assert lines[-1].startswith("doctor: ") and lines[-1].endswith("0 failed: ready")
+    # The probes left nothing behind: the remote is empty, no link-test file in the project.
+    assert list((project.parent / "storage").iterdir()) == []
+    assert not list(project.glob("*link-probe*"))
+
+
+def test_doctor__bad_params_yaml_is_a_fail_line_naming_the_key(project: Path) -> None:
+    write_params(project, {"finetune": {"lr": 20.0}})
+    code, lines = _doctor(project)
+    assert code == 1
+    assert _lines(lines, "FAIL", "params") == [
+        "FAIL params      finetune.lr: 20.0 is above the maximum 10.0"
+    ]
+    assert "1 failed" in lines[-1]
+
+
+def test_doctor__missing_params_yaml_fails(project: Path) -> None:
+    (project / "params.yaml").unlink()
+    code, lines = _doctor(project)
+    assert code == 1
+    assert any("params file not found" in line for line in _lines(lines, "FAIL", "params"))
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
+def test_doctor__bf16_without_a_cuda_gpu_fails(project: Path, accelerator: str) -> None:
+    trainer = {"accelerator": accelerator, "precision": "bf16-mixed"}
+    write_params(project, {"finetune": {"trainer": trainer}})
+    code, lines = _doctor(project)
+    assert code == 1
+    fails = _lines(lines, "FAIL", "precision")
+    assert len(fails) == 1 and fails[0].startswith(
+        f"FAIL precision   finetune.trainer: precision bf16-mixed on accelerator {accelerator}"
+    )
+    expected = "bf16 needs a CUDA GPU" if accelerator == "cpu" else "no gpu device on this node"
+    assert expected in fails[0]
+    assert _lines(lines, "PASS", "precision")[0].startswith("PASS precision   pretrain.trainer")
+
+
+def test_doctor__four_gpus_requested_on_a_node_without_any_fail(project: Path) -> None:
+    trainer = {"accelerator": "gpu", "devices": 4}
+    write_params(project, {"pretrain": {"trainer": trainer}, "finetune": {"trainer": trainer}})
+    code, lines = _doctor(project)
+    assert code == 1
+    assert _lines(lines, "FAIL", "devices") == [
+        f"FAIL devices     {section}.trainer: 4 device(s) x 1 node(s) = 4 process(es) on gpu: "
+        "this node has 0 GPUs"
+        for section in ("pretrain", "finetune")
+    ]
+
+
+def test_doctor__data_beyond_any_disk_fails(project: Path) -> None:
+    write_params(project, HUGE)
+    code, lines = _doctor(project)
+    assert code == 1
+    raw = [line for line in _lines(lines, "FAIL", "disk") if " data/raw: " in line]
+    assert raw and re.search(r"needs ~[\d.]+ TB; [\d.]+ [KMGT]?B free on /", raw[0]), raw
+
+
+def test_doctor__data_on_a_small_disk_fails_there_only(project: Path, mount_tmpfs: Any) -> None:
+    # data/ on its own 4 MB filesystem; one 1024x768 sample alone is ~8.6 MB raw.
+    mount_tmpfs(project / "data", "4m")
+    write_params(project, {"data": {"synthetic": {"width": 1024, "height": 768}}})
+    code, lines = _doctor(project)
+    assert code == 1
+    disk = {line.split(":")[0].split()[-1]: line for line in lines if " disk " in line}
+    data = project / "data"
+    for place in ("data/raw", "data/processed"):
+        assert disk[place].startswith("FAIL"), disk[place]
+        assert f"4.0 MB free on {data} " in disk[place], disk[place]
+    # The cache stays on the big filesystem: hard links cannot cross, so DVC copies, and the
+    # copies fit there.
+    cache = next(line for key, line in disk.items() if "cache" in key)
+    assert cache.startswith("PASS") and "cache.type gives copy" in cache, cache
+    assert disk[".depthpipe/fetch"].startswith("PASS")
+
+
+def test_doctor__fetched_data_are_reported_and_need_no_disk(project: Path) -> None:
+    paths = project_paths(project)
+    fetch.run(load_params(paths.params), paths)
+    code, lines = _doctor(project)
+    assert code == 0, lines
+    (state,) = _lines(lines, "PASS", "raw data")
+    assert re.fullmatch(
+        r"PASS raw data    fetched \(source synthetic; diode_train \d+, diode_val \d+, "
+        r"megadepth \d+\), as params say",
+        state,
+    ), state
+    raw = next(line for line in lines if " data/raw: " in line)
+    assert "needs ~0 B (already there for these params)" in raw
+    # Other params: fetch will run again, and the doctor says so.
+    write_params(project, {"data": {"megadepth_max_images": 3}})
+    code, lines = _doctor(project)
+    assert code == 0
+    assert _lines(lines, "WARN", "raw data")[0].endswith("but params differ: fetch runs again")
+
+
+def test_doctor__remote_under_a_file_fails(project: Path, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    _dvc_config(project, tmp_path / "a-file" / "storage")
+    code, lines = _doctor(project)
+    assert code == 1
+    (fail,) = _lines(lines, "FAIL", "remote")
+    assert fail.startswith(
+        f"FAIL remote      store ({tmp_path / 'a-file' / 'storage'}): not writable"
+    )
+
+
+def test_doctor__read_only_remote_fails(project: Path, tmp_path: Path, mount_tmpfs: Any) -> None:
+    mount_tmpfs(tmp_path / "read-only", "1m", read_only=True)
+    _dvc_config(project, tmp_path / "read-only")
+    code, lines = _doctor(project)
+    assert code == 1
+    (fail,) = _lines(lines, "FAIL", "remote")
+    assert "not writable" in fail and "Read-only file system" in fail, fail
+
+
+def test_doctor__remote_folder_not_made_yet_warns_and_stays_absent(
+    project: Path, tmp_path: Path
+) -> None:
+    remote = tmp_path / "shares" / "depthpipe"
+    _dvc_config(project, remote)
+    code, lines = _doctor(project)
+    assert code == 0
+    (warn,) = _lines(lines, "WARN", "remote")
+    assert "does not exist yet, writable" in warn
+    assert not (tmp_path / "shares").exists()  # the probe's folders were removed again
+
+
+def test_doctor__no_remote_warns(project: Path) -> None:
+    _dvc_config(project, None)
+    code, lines = _doctor(project)
+    assert code == 0
+    assert _lines(lines, "WARN", "remote") == [
+        "WARN remote      no default DVC remote: dvc push has nowhere to go"
+    ]
+
+
+# --- decisions for hardware this machine does not have --------------------------------------
+
+A100x4 = doctor.Hardware(cuda=("NVIDIA A100",) * 4, cuda_bf16=(True,) * 4, mps=False, cpu_cores=64)
+V100x4 = doctor.Hardware(cuda=("Tesla V100",) * 4, cuda_bf16=(False,) * 4, mps=False, cpu_cores=64)
+
+
+def _trainer(**trainer: Any) -> TrainerConfig:
+    return parse_params(
+        deep_merge(committed_params(), {"finetune": {"trainer": trainer}})
+    ).finetune.trainer
+
+
+@pytest.mark.parametrize(
+    ("hw", "precision", "status"),
+    [
+        (A100x4, "bf16-mixed", "PASS"),
+        (A100x4, "16-mixed", "PASS"),
+        (V100x4, "bf16-mixed", "FAIL"),
+        (V100x4, "16-mixed", "PASS"),
+        (V100x4, "32-true", "PASS"),
+    ],
+)
+def test_precision_check__on_gpu_nodes(hw: doctor.Hardware, precision: str, status: str) -> None:
+    check = doctor.precision_check("finetune", _trainer(accelerator="gpu", precision=precision), hw)
+    assert check.status == status, check.line()
+
+
+@pytest.mark.parametrize(
+    ("trainer", "env", "status", "says"),
+    [
+        ({"devices": 4}, {}, "PASS", "this node has 4 cuda device(s)"),
+        ({"devices": 8}, {}, "FAIL", "this node has 4 cuda device(s)"),
+        ({"devices": 4, "num_nodes": 2}, {}, "WARN", "launch/slurm.sbatch"),
+        (
+            {"devices": 4, "num_nodes": 2},
+            {"SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "8"},
+            "PASS",
+            "",
+        ),
+        (
+            {"devices": 4, "num_nodes": 2},
+            {"SLURM_JOB_NUM_NODES": "1"},
+            "FAIL",
+            "the job has 1 node",
+        ),
+        ({"devices": 4, "num_nodes": 2}, {"WORLD_SIZE": "4"}, "FAIL", "starts 4 process(es)"),
+        # An interactive allocation: Lightning starts the processes, SLURM's counts do not apply.
+        ({"devices": 4}, {"SLURM_JOB_NAME": "bash", "SLURM_NTASKS": "1"}, "PASS", ""),
+    ],
+)
+def test_devices_check__against_node_and_launcher(
+    trainer: dict[str, int], env: dict[str, str], status: str, says: str
+) -> None:
+    check = doctor.devices_check("finetune", _trainer(accelerator="gpu", **trainer), A100x4, env)
+    assert check.status == status and says in check.message, check.line()
+
+
+def test_raw_data_check__a_missing_local_folder_fails_naming_the_key(tmp_path: Path) -> None:
+    folders = {"diode": str(tmp_path / "not-there"), "megadepth": str(tmp_path)}
+    raw = deep_merge(committed_params(), {"data": {"source": "local", "local": folders}})
+    check = doctor.raw_data_check(parse_params(raw), project_paths(tmp_path))
+    assert check.status == "FAIL", check.line()
+    assert check.message == f"data.local.diode: {tmp_path / 'not-there'} is not a folder"
+
+
+def test_packed_estimate_matches_a_real_packed_split(tmp_path: Path) -> None:
+    writer = PackedWriter(tmp_path, capacity=5, size=(48, 64))
+    on_disk = sum(f.stat().st_size for f in tmp_path.glob("*.npy"))
+    estimate = 5 * 48 * 64 * doctor.PACKED_BYTES_PER_PIXEL
+    assert estimate <= on_disk <= estimate + 3 * 256, (on_disk, estimate)  # + .npy headers
+    del writer
+
+
+def test_tutorial_estimates_match_readme_table() -> None:
+    """README's "How much disk": extracted ~213 GB, peak while fetching ~412 GB, packed ~113 GB
+    (GB as the data sets quote them, 2**30 bytes)."""
+    profile = yaml.safe_load((REPO / "profiles" / "tutorial.yaml").read_text())
+    params = parse_params(deep_merge(committed_params(), profile))
+    raw = doctor.raw_bytes(params.data) / doctor.GIB
+    download = max(doctor.ARCHIVE_BYTES.values()) / doctor.GIB
+    assert raw == pytest.approx(213, rel=0.02)
+    assert raw + download == pytest.approx(412, rel=0.02)
+    assert doctor.processed_bytes(params) / doctor.GIB == pytest.approx(113, rel=0.1)
+
+
+# --- launch files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_launch_file__is_valid_bash(path: Path) -> None:
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert os.access(path, os.X_OK)
+
+
+def _commands(path: Path) -> list[list[str]]:
+    """Every command line of a launch file, comments included (they show commands too), split
+    as the shell would, with continuation lines joined."""
+    text = path.read_text().replace("\\\n", " ")
+    words = []
+    for line in text.splitlines():
+        line = line.strip().lstrip("#").strip()
+        if line and not line.startswith("SBATCH"):
+            try:
+                words.append(shlex.split(line, comments=True))
+            except ValueError:  # prose with an apostrophe
+                continue
+    return words
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_launch_file__names_only_what_exists(path: Path) -> None:
+    text = path.read_text()
+    stages = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    # Stage names: literal module names, and the values a variable module name takes (the
+    # first argument of slurm.sbatch's train calls, torchrun.sh's case pattern).
+    named = set(re.findall(r"depthpipe\.stages\.([a-z_]+)", text))
+    named |= set(re.findall(r"^train ([a-z_]+) ", text, re.M))
+    for pattern in re.findall(r"^\s*([a-z_]+(?: \| [a-z_]+)*)\)", text, re.M):
+        named |= set(pattern.split(" | "))
+    assert named, "no stage named"
+    for name in named:
+        assert (REPO / "src" / "depthpipe" / "stages" / f"{name}.py").is_file(), name
+        assert name in stages, name
+    for module in re.findall(r"python -m (depthpipe\.[a-z_.]+)", text):
+        assert (REPO / "src" / Path(*module.split("."))).with_suffix(".py").is_file(), module
+    params = committed_params()
+    for words in _commands(path):
+        if words[:1] == ["dvc"] and words[1:2] != ["status"]:
+            targets = [w for w in words[2:] if not w.startswith("-")]
+            for target in targets:
+                name = target.split("@")[0].strip('"').replace("$stage", "").replace("$STAGE", "")
+                assert not name or name in stages, f"{path.name}: dvc {words[1]} {target}"
+        for i, word in enumerate(words):
+            if word == "-S":
+                key = words[i + 1].split("=")[0]
+                node: Any = params
+                for part in key.split("."):
+                    assert isinstance(node, dict) and part in node, f"{path.name}: -S {key}"
+                    node = node[part]
+    for key in re.findall(r"\b((?:pretrain|finetune)\.trainer\.[a-z_]+)", text):
+        section, _, field = key.split(".")
+        assert field in params[section]["trainer"], f"{path.name}: {key}"
+
+
+def test_torchrun_script__refuses_what_it_cannot_run() -> None:
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(LAUNCH / "torchrun.sh"), *args],
+            cwd=REPO,
+            env={k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR")}
+            | env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    single = run("evaluate", "x", NODE_RANK="0", MASTER_ADDR="localhost")
+    assert single.returncode == 2 and "run: dvc repro evaluate" in single.stderr
+    no_rank = run("pretrain", "conservative")
+    assert no_rank.returncode != 0 and "set NODE_RANK" in no_rank.stderr
+
+
+def test_slurm_allocation_matches_one_task_per_gpu() -> None:
+    """Lightning's SLURM detection needs one task per device: ntasks-per-node = gpus-per-node."""
+    options = dict(
+        re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", (LAUNCH / "slurm.sbatch").read_text(), re.M)
+    )
+    assert options["ntasks-per-node"] == options["gpus-per-node"]
