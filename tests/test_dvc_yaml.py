@@ -685,6 +685,32 @@ def _declared_params(stage: str, stage_params: dict[str, list[str]]) -> list[str
     return stage_params.get(stage, stage_params.get(f"{base}@{SCRATCH}"))
 
 
+# Upstream params a downloader needs besides the stage's own (it never sees dvc.lock): how the
+# encoder of depth-<preset> was pretrained, in meta.pretraining (the preset's key is added).
+PRETRAINING_KEYS = (
+    "preprocess.megadepth_short_side",
+    "pretrain.method",
+    "pretrain.epochs",
+    "pretrain.batch_size",
+    "pretrain.image_size",
+    "pretrain.lr",
+)
+
+
+def _dotted_problems(
+    name: str, field: str, recorded: Any, keys: list[str], params: dict[str, Any]
+) -> list[str]:
+    """``recorded`` (meta.<field>) maps exactly ``keys`` to their values in ``params``."""
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(keys):
+        found = sorted(recorded) if isinstance(recorded, dict) else recorded
+        return [f"{name}: meta.{field} keys {found} != {sorted(keys)}"]
+    return [
+        f"{name}: meta.{field}.{key} {value!r} != params.yaml's {lookup(params, key)!r}"
+        for key, value in recorded.items()
+        if value != lookup(params, key)
+    ]
+
+
 def _meta_problems(
     name: str,
     want: ExpectedArtifact,
@@ -693,7 +719,11 @@ def _meta_problems(
     stage_params: dict[str, list[str]],
 ) -> list[str]:
     """``meta`` states what loading the model needs, with the values of ``params``."""
-    stated = {"stage": want.stage, "arch": params["model"]["arch"]}
+    stated = {
+        "stage": want.stage,
+        "arch": params["model"]["arch"],
+        "data": {key: params["data"][key] for key in ("source", "diode_domains")},
+    }
     if want.kind == "depth":
         stated |= {
             "encoder": encoder_artifact(want.item),
@@ -705,23 +735,22 @@ def _meta_problems(
         }
     elif want.item != SCRATCH:
         stated["input_size"] = params["pretrain"]["image_size"]
+        short_side = params["preprocess"]["megadepth_short_side"]
+        stated["preprocess"] = {"megadepth_short_side": short_side}
     problems = [
         f"{name}: meta.{key} {meta.get(key)!r} != {value!r}"
         for key, value in stated.items()
         if meta.get(key) != value
     ]
-    keys = _declared_params(want.stage, stage_params)
-    recorded = meta.get("params") or {}
-    if keys is not None and sorted(recorded) != sorted(keys):
-        problems.append(
-            f"{name}: meta.params keys {sorted(recorded)} != {want.stage}'s {sorted(keys)}"
+    if want.kind == "depth" and want.item != SCRATCH:
+        pretraining = [*PRETRAINING_KEYS, f"pretrain.presets.{want.item}"]
+        problems += _dotted_problems(
+            name, "pretraining", meta.get("pretraining"), pretraining, params
         )
-    problems += [
-        f"{name}: meta.params.{key} {value!r} != params.yaml's {lookup(params, key)!r}"
-        for key, value in recorded.items()
-        if key in (keys or []) and value != lookup(params, key)
-    ]
-    return problems
+    keys = _declared_params(want.stage, stage_params)
+    if keys is None:
+        return [*problems, f"{name}: {want.stage}, the stage that makes it, is not in dvc.yaml"]
+    return problems + _dotted_problems(name, "params", meta.get("params"), keys, params)
 
 
 def _artifact_problems(
@@ -790,37 +819,59 @@ def test_dvc_yaml__artifacts_are_every_encoder_and_network(tmp_path: Path) -> No
     assert artifact_problems(REPO / "dvc.yaml", tmp_path) == []
 
 
+def _other(value: Any) -> Any:
+    """A different value of the same kind (every leaf of a mapping differs)."""
+    if isinstance(value, dict):
+        return {key: _other(item) for key, item in value.items()}
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return [*value, "other"]
+    return "other"  # null
+
+
+def _set(params: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    (lookup(params, ".".join(parents)) if parents else params)[last] = value
+
+
 def test_artifact_problems__meta_follows_params(tmp_path: Path) -> None:
-    """Other params (as `dvc exp run -S` would set) give no problem: meta holds no literal that
-    only happens to equal today's params.yaml."""
-    params = deep_merge(
-        committed_params(),
-        {
-            "seed": 7,
-            "model": {"arch": "resnet34"},
-            "preprocess": {"height": 96, "width": 128},
-            "depth": {"min_depth": 1.0, "max_depth": 80.0},
-            "pretrain": {
-                "image_size": 96,
-                "epochs": 5,
-                "presets": {"aggressive": {"random_flip": {"vertical_prob": 0.25}}},
-            },
-            "finetune": {"lr": 0.0005},
-        },
-    )
-    declared, _ = load_artifacts(REPO / "dvc.yaml", tmp_path, params)
-    assert declared["depth-conservative"].meta["arch"] == "resnet34"  # really re-resolved
-    assert declared["depth-conservative"].meta["input_size"] == {"height": 96, "width": 128}
-    assert artifact_problems(REPO / "dvc.yaml", tmp_path, params) == []
+    """Every param any artifact states (its stage's declared params, its data, the encoder's
+    pretraining) set to another value, as `dvc exp run -S` would: still no problem, so meta holds
+    no literal that only happens to equal today's params.yaml."""
+    committed = committed_params()
+    _, stage_params = load_artifacts(REPO / "dvc.yaml", tmp_path / "committed", committed)
+    keys = {"data.source", "data.diode_domains", *PRETRAINING_KEYS}
+    for want in expected_artifacts(committed).values():
+        keys |= set(_declared_params(want.stage, stage_params) or [])
+    assert {"pretrain.lr", "pretrain.method", "pretrain.trainer", "finetune", "seed"} <= keys
+    assert "pretrain.presets.aggressive" in keys and "aug" not in keys
+    params = yaml.safe_load(yaml.safe_dump(committed))  # a deep copy
+    for key in sorted(keys):
+        _set(params, key, _other(lookup(committed, key)))
+    declared, _ = load_artifacts(REPO / "dvc.yaml", tmp_path / "varied", params)
+    meta = declared["depth-conservative"].meta  # really re-resolved
+    assert meta["arch"] == "resnet18-other" and meta["data"]["diode_domains"][-1] == "other"
+    assert meta["params"]["finetune"]["trainer"]["devices"] == 3
+    assert artifact_problems(REPO / "dvc.yaml", tmp_path / "varied", params) == []
+
+
+def _artifact_block(text: str, name: str) -> tuple[int, int]:
+    """Where the ``artifacts:`` entry ``name`` is in dvc.yaml's text (up to a blank line)."""
+    start = text.index(f"\n  {name}:\n", text.index("\nartifacts:\n"))
+    end = text.find("\n\n", start + 1)
+    return start, len(text) if end < 0 else end
 
 
 def _in_artifact(name: str, old: str, new: str) -> Callable[[str], str]:
     """Replace ``old`` once inside the ``artifacts:`` entry ``name`` of dvc.yaml's text."""
 
     def edit(text: str) -> str:
-        start = text.index(f"\n  {name}:\n", text.index("\nartifacts:\n"))
-        end = text.find("\n\n", start + 1)
-        end = len(text) if end < 0 else end
+        start, end = _artifact_block(text, name)
         block = text[start:end]
         assert block.count(old) == 1, f"mutation target not found once in {name}: {old!r}"
         return text[:start] + block.replace(old, new) + text[end:]
@@ -828,17 +879,73 @@ def _in_artifact(name: str, old: str, new: str) -> Callable[[str], str]:
     return edit
 
 
-ARTIFACT_MUTATIONS: dict[str, tuple[Callable[[str], str], dict[str, Any], str]] = {
-    # name: (edit of dvc.yaml's text, params override, text of the expected problem)
+def _add_artifact(copy_of: str, old: str, new: str) -> Callable[[str], str]:
+    """Append a copy of the entry ``copy_of`` with every ``old`` replaced by ``new``."""
+
+    def edit(text: str) -> str:
+        start, end = _artifact_block(text, copy_of)
+        block = text[start:end].replace(old, new)
+        return text.rstrip("\n") + "\n" + block + "\n"
+
+    return edit
+
+
+MILD = {"pretrain": {"presets": {"mild": {"random_rotation": {"prob": 1.0, "degrees": 5}}}}}
+
+ARTIFACT_MUTATIONS: dict[str, tuple[Callable[[str], str], dict[str, Any], str | list[str]]] = {
+    # name: (edit of dvc.yaml's text, params override, text of the expected problem, or the
+    # exact list of problems when nothing else may be reported)
     "a preset without its artifacts": (
         lambda text: text,
         {"pretrain": {"presets": {"mild_tilt": {"random_rotation": {"prob": 1.0, "degrees": 5}}}}},
         "encoder-mild-tilt: no artifact for the encoder of 'mild_tilt'",
     ),
     "a preset's network without its artifact": (
-        lambda text: text,
-        {"pretrain": {"presets": {"mild": {"random_rotation": {"prob": 1.0, "degrees": 5}}}}},
-        "depth-mild: no artifact for the depth of 'mild'",
+        # its encoder declared: only the network's check can report this
+        _add_artifact("encoder-conservative", "conservative", "mild"),
+        MILD,
+        ["depth-mild: no artifact for the depth of 'mild' in dvc.yaml"],
+    ),
+    "an artifact that names no encoder or network": (
+        _add_artifact("encoder-conservative", "encoder-conservative:", "encoder-extra:"),
+        {},
+        ["encoder-extra: names no encoder or fine-tuned network of params.yaml"],
+    ),
+    "the producing stage renamed": (
+        _replace("\n  init_scratch:\n", "\n  init_random:\n"),
+        {},
+        ["encoder-scratch: init_scratch, the stage that makes it, is not in dvc.yaml"],
+    ),
+    "a literal data source": (
+        _in_artifact("depth-conservative", "source: ${data.source}", "source: official"),
+        {},
+        "depth-conservative: meta.data {'source': 'official'",
+    ),
+    "an encoder without the photos' size": (
+        _in_artifact(
+            "encoder-aggressive",
+            "        megadepth_short_side: ${preprocess.megadepth_short_side}\n",
+            "        size_of_photos: ${preprocess.megadepth_short_side}\n",
+        ),
+        {},
+        [
+            "encoder-aggressive: meta.preprocess {'size_of_photos': 96} "
+            "!= {'megadepth_short_side': 96}"
+        ],
+    ),
+    "the pretraining of another preset": (
+        _in_artifact(
+            "depth-conservative",
+            "pretrain.presets.conservative: ${pretrain.presets.conservative}",
+            "pretrain.presets.conservative: ${pretrain.presets.aggressive}",
+        ),
+        {},
+        "depth-conservative: meta.pretraining.pretrain.presets.conservative",
+    ),
+    "a network without its encoder's pretraining lr": (
+        _in_artifact("depth-aggressive", "        pretrain.lr: ${pretrain.lr}\n", ""),
+        {},
+        "depth-aggressive: meta.pretraining keys",
     ),
     "a literal arch": (
         _in_artifact(
@@ -895,10 +1002,13 @@ ARTIFACT_MUTATIONS: dict[str, tuple[Callable[[str], str], dict[str, Any], str]] 
 
 @pytest.mark.parametrize("mutation", list(ARTIFACT_MUTATIONS))
 def test_artifact_problems__mutation_is_caught(mutation: str, tmp_path: Path) -> None:
-    edit, override, message = ARTIFACT_MUTATIONS[mutation]
+    edit, override, expected = ARTIFACT_MUTATIONS[mutation]
     mutated = tmp_path / "mutated.yaml"
     mutated.write_text(edit((REPO / "dvc.yaml").read_text()))
     problems = artifact_problems(
         mutated, tmp_path / "repo", deep_merge(committed_params(), override)
     )
-    assert any(message in problem for problem in problems), problems
+    if isinstance(expected, list):
+        assert problems == expected
+    else:
+        assert any(expected in problem for problem in problems), problems

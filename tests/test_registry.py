@@ -152,7 +152,7 @@ def test_load_encoder__says_what_a_wrong_or_damaged_file_is(tmp_path: Path) -> N
         load_encoder(ARCH, tmp_path / "missing.pt")
 
 
-# -- end to end: register, push, get from elsewhere ---------------------------------------------
+# -- helpers: commands as a user runs them ------------------------------------------------------
 
 
 def _env() -> dict[str, str]:
@@ -182,6 +182,119 @@ def dvc(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess[s
 
 def git(*args: str, cwd: Path) -> str:
     return run("git", *args, cwd=cwd).stdout.strip()
+
+
+# -- the default remote a clone downloads from (tiny projects, no training) ---------------------
+
+TINY_DVC_YAML = """\
+stages:
+  make:
+    cmd: python make.py
+    deps: [make.py]
+    params: [size]
+    outs: [model.bin]
+  other:
+    cmd: python -c "open('other.bin', 'w').write('not the model')"
+    outs: [other.bin]
+artifacts:
+  tiny:
+    path: model.bin
+    type: model
+    meta: {stage: make}
+"""
+
+
+def tiny_project(root: Path, remote: str | None) -> Path:
+    """A Git + DVC project whose stage `make` records model.bin (artifact `tiny`) and `other`
+    something else, committed with ``remote`` (as typed to `dvc remote add -d`) as default."""
+    root.mkdir()
+    git("init", "-q", "-b", "main", cwd=root)
+    dvc("init", "-q", cwd=root)
+    (root / "dvc.yaml").write_text(TINY_DVC_YAML)
+    (root / "params.yaml").write_text("size: 1\nunused: 0\n")
+    (root / "make.py").write_text("open('model.bin', 'w').write('weights v1')\n")
+    dvc("repro", "-q", cwd=root)
+    if remote is not None:
+        dvc("remote", "add", "-d", "team", remote, cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-q", "-m", "tiny model", cwd=root)
+    return root
+
+
+def test_register__refuses_a_relative_default_remote_at_the_tagged_commit(tmp_path: Path) -> None:
+    root = tiny_project(tmp_path / "project", "../storage")
+    committed = (root / ".dvc" / "config").read_text()
+    assert "url = ../../storage" in committed  # DVC stores it relative to .dvc/
+    # an absolute remote in the workspace only: the commit's config is what a clone gets
+    dvc("remote", "modify", "team", "url", str(tmp_path / "storage"), cwd=root)
+    with pytest.raises(DepthpipeError) as raised:
+        register(root, "tiny", "v1.0.0", "HEAD", None)
+    assert str(raised.value) == (
+        "the default remote '../../storage' is a relative folder: dvc artifacts get from "
+        "another folder cannot reach it; set a team remote (README Sharing) or an absolute path"
+    )
+    assert git("tag", "--list", cwd=root) == ""
+
+
+def test_register__refuses_without_a_default_remote(tmp_path: Path) -> None:
+    root = tiny_project(tmp_path / "project", None)
+    with pytest.raises(DepthpipeError, match=r"^no default remote in \.dvc/config at HEAD: "):
+        register(root, "tiny", "v1.0.0", "HEAD", None)
+    assert git("tag", "--list", cwd=root) == ""
+
+
+def test_register__refuses_a_stage_changed_since_dvc_lock(tmp_path: Path) -> None:
+    """meta is read from params.yaml at the commit: it must be what made the recorded model."""
+    root = tiny_project(tmp_path / "project", str(tmp_path / "storage"))
+    (root / "params.yaml").write_text("size: 2\nunused: 1\n")  # not `unused`: no param of make
+    (root / "make.py").write_text("open('model.bin', 'w').write('weights v2')\n")
+    git("commit", "-q", "-am", "edited without dvc repro", cwd=root)
+    with pytest.raises(DepthpipeError) as raised:
+        register(root, "tiny", "v1.0.0", "HEAD", None)
+    assert str(raised.value) == (
+        "make changed since dvc.lock: run dvc repro and commit "
+        "(changed: make.py: modified, params.yaml: size modified)"
+    )
+    # the commit before the edit still registers
+    assert register(root, "tiny", "v1.0.0", "HEAD~1", None).tag == "tiny@v1.0.0"
+    dvc("repro", "-q", cwd=root)
+    git("commit", "-q", "-am", "reproduced", cwd=root)
+    assert register(root, "tiny", "v1.1.0", "HEAD", None).push_target == "make"
+
+
+def test_register__absolute_folder_remote__note_then_stage_push_and_get(tmp_path: Path) -> None:
+    """Accepted with a note; the printed `dvc push make` sends the model and nothing else; a
+    version whose data was never pushed fails to download as README says, then downloads."""
+    storage = tmp_path / "storage"
+    root = tiny_project(tmp_path / "project", str(storage))
+    printed = run(sys.executable, "-m", "depthpipe.register", "tiny", "v1.0.0", cwd=root).stdout
+    commit = git("rev-parse", "HEAD", cwd=root)
+    assert printed.splitlines() == [
+        f"registered tiny@v1.0.0 at {commit[:8]}",
+        f"note: the default remote '{storage}' is a folder on this machine: only this machine "
+        "can get the version (a team remote, README Sharing, serves everyone)",
+        "share it:  git push origin tiny@v1.0.0 && dvc push make",
+        "get it:    dvc artifacts get <repo-url> tiny --rev v1.0.0",
+    ]
+    # from a bare origin, as from GitHub: a local project path would lend its own DVC cache
+    origin = tmp_path / "origin.git"
+    git("clone", "-q", "--bare", str(root), str(origin), cwd=tmp_path)
+    here = _elsewhere(tmp_path)
+    never_pushed = dvc(
+        "artifacts", "get", str(origin), "tiny", "--rev", "v1.0.0", cwd=here, ok=False
+    )
+    assert never_pushed.returncode == 1
+    said = "Failed to download artifact 'tiny' via DVC remote: [Errno 2] No storage files available"
+    assert said in never_pushed.stderr, never_pushed.stderr
+    # README quotes what DVC says, so a reader can search for it
+    assert said.replace("'tiny'", "'encoder-conservative'") in " ".join(sharing_section().split())
+    assert list(here.iterdir()) == []
+
+    dvc("push", "make", cwd=root)  # the command printed above
+    pushed = sorted(p for p in storage.rglob("*") if p.is_file())
+    assert [p.read_bytes() for p in pushed] == [b"weights v1"]  # not other.bin
+    dvc("artifacts", "get", str(origin), "tiny", "--rev", "v1.0.0", cwd=here)
+    assert (here / "model.bin").read_bytes() == b"weights v1"
 
 
 def fill_other_outputs(root: Path, stage: str, item: str) -> None:
@@ -231,6 +344,7 @@ class Registry:
     encoder_v2: bytes  # encoder-conservative@v1.1.0, the latest
     network: Path  # the network folder registered as depth-conservative@v1.0.0
     register_output: str  # what `python -m depthpipe.register ... v1.0.0` printed
+    remote: Path  # the DVC remote, a folder (absolute path)
 
 
 @pytest.fixture(scope="module")
@@ -245,19 +359,22 @@ def registry(scored_project: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     commit_models(paths, "models v1", (f"pretrain@{aug}", f"finetune@{aug}"))
     printed = register_cli(paths, "encoder-conservative", "v1.0.0")  # the CLI once, then
     register(paths.root, "depth-conservative", "v1.0.0", "HEAD", None)  # its function (faster)
-    dvc("push", "-q", cwd=paths.root)
+    # as README says: each artifact's stage, not a bare `dvc push`
+    dvc("push", "-q", f"pretrain@{aug}", f"finetune@{aug}", cwd=paths.root)
 
     encoder_v2 = save_encoder(paths.encoder_file(aug), seed=2)
     commit_models(paths, "encoder v2", (f"pretrain@{aug}",))
     register(paths.root, "encoder-conservative", "v1.1.0", "HEAD", None)
-    dvc("push", "-q", cwd=paths.root)
+    dvc("push", "-q", f"pretrain@{aug}", cwd=paths.root)
 
     origin = base / "origin.git"
     git("init", "-q", "--bare", "-b", "main", str(origin), cwd=base)
     git("push", "-q", str(origin), "main", cwd=paths.root)
     for tag in git("tag", "--list", cwd=paths.root).split():  # as README: one push per tag
         git("push", "-q", str(origin), tag, cwd=paths.root)
-    return Registry(origin, paths, encoder_v1, encoder_v2, paths.finetune_dir(aug), printed)
+    return Registry(
+        origin, paths, encoder_v1, encoder_v2, paths.finetune_dir(aug), printed, base / "dvc-remote"
+    )
 
 
 def _elsewhere(tmp_path: Path) -> Path:
@@ -283,8 +400,12 @@ def test_register__tags_and_says_how_to_share(registry: Registry) -> None:
     assert v1 == git("rev-parse", "HEAD~1", cwd=root) != git("rev-parse", "HEAD", cwd=root)
     assert registry.register_output.splitlines() == [
         f"registered encoder-conservative@v1.0.0 at {v1[:8]}",
-        # registered on HEAD then: the workspace's outputs are the version's
-        "share it:  git push origin encoder-conservative@v1.0.0 && dvc push",
+        # an absolute folder as the default remote here
+        f"note: the default remote '{registry.remote}' is a folder on this machine: only this "
+        "machine can get the version (a team remote, README Sharing, serves everyone)",
+        # registered on HEAD then: the workspace's outputs are the version's, and only the
+        # stage that makes it is pushed (not the data)
+        "share it:  git push origin encoder-conservative@v1.0.0 && dvc push pretrain@conservative",
         "get it:    dvc artifacts get <repo-url> encoder-conservative --rev v1.0.0",
     ]
 
@@ -416,10 +537,21 @@ def test_get__missing_name_or_version_is_a_clear_error(registry: Registry, tmp_p
     assert list(here.iterdir()) == []  # nothing half-downloaded
 
 
+def sharing_section() -> str:
+    return REPO.joinpath("README.md").read_text().split("\n## Sharing", 1)[1].split("\n## ")[0]
+
+
+def test_readme__quotes_the_shipped_remote_as_dvc_config_holds_it() -> None:
+    from dvc.config import Config
+
+    shipped = Config.load_file(str(REPO / ".dvc" / "config"))
+    url = shipped["remote"][shipped["core"]["remote"]]["url"]
+    assert f"`url = {url}`" in sharing_section()
+
+
 def readme_python() -> str:
     """The README's ```python block that loads an encoder through dvc.api (Sharing section)."""
-    sharing = REPO.joinpath("README.md").read_text().split("\n## Sharing", 1)[1].split("\n## ")[0]
-    blocks = re.findall(r"```python\n(.*?)```", sharing, flags=re.DOTALL)
+    blocks = re.findall(r"```python\n(.*?)```", sharing_section(), flags=re.DOTALL)
     found = [block for block in blocks if "artifacts_show" in block]
     assert len(found) == 1, "README's Sharing section lost its dvc.api example"
     return found[0]
@@ -434,6 +566,8 @@ def test_readme_python__loads_the_version_from_the_repository(
     code = readme_python()
     placeholder = '"https://github.com/<org>/depthpipe"'
     assert code.count(placeholder) == 1 and code.count("load_encoder(") == 1
+    # the architecture comes from the version's params, never from the README
+    assert not re.search(r"resnet\d|wide_resnet|resnext", code), code
     monkeypatch.chdir(_elsewhere(tmp_path))
     # run in this process: the same lines a user runs, without a second start of torch and DVC
     namespace: dict[str, object] = {}
