@@ -1,14 +1,23 @@
-"""Precision and rank helpers: what ``auto`` becomes, which process is the leader."""
+"""Precision, forward-mode and rank helpers: what ``auto`` becomes, how a forward pass runs on a
+device (layout, autocast), which process is the leader."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
 import torch
 
 from depthpipe.config import TrainerConfig, parse_params
-from depthpipe.hardware import is_global_zero, resolve_precision, trainer_kwargs
+from depthpipe.hardware import (
+    ForwardMode,
+    forward_mode,
+    is_global_zero,
+    resolve_precision,
+    trainer_forward_mode,
+    trainer_kwargs,
+)
 from tests.helpers import committed_params, deep_merge
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
@@ -69,6 +78,18 @@ def test_resolve_precision__auto_on_gpu_without_bf16_is_fp32(
     assert resolve_precision("auto", "gpu") == "32-true"
 
 
+def test_resolve_precision__auto_on_gpu_emulating_bf16_is_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A V100: torch's default is_bf16_supported() says yes (bf16 runs, emulated, slower than
+    fp32); only native bf16 (including_emulation=False) counts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
+    assert resolve_precision("auto", "gpu") == "32-true"
+
+
 def test_resolve_precision__auto_on_mps_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_cuda(monkeypatch, available=True, bf16=True)
     assert resolve_precision("auto", "mps") == "32-true"
@@ -76,8 +97,100 @@ def test_resolve_precision__auto_on_mps_is_fp32(monkeypatch: pytest.MonkeyPatch)
 
 @needs_cuda
 def test_resolve_precision__auto_on_this_gpu() -> None:
-    expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    expected = "bf16-mixed" if native else "32-true"
     assert resolve_precision("auto", "gpu") == expected
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
+def test_forward_mode__cuda_bf16_is_channels_last_under_bf16_autocast() -> None:
+    mode = forward_mode("cuda", "bf16-mixed")
+    assert mode.device == torch.device("cuda")
+    assert mode.memory_format == torch.channels_last
+    assert mode.autocast_dtype == torch.bfloat16
+    context = mode.autocast()  # made, not entered: there may be no GPU here
+    assert isinstance(context, torch.autocast)
+    assert (context.device, context.fast_dtype) == ("cuda", torch.bfloat16)
+
+
+def test_forward_mode__cpu_fp32_changes_nothing() -> None:
+    mode = forward_mode("cpu", "32-true")
+    assert mode.memory_format == torch.preserve_format and mode.autocast_dtype is None
+    assert isinstance(mode.autocast(), nullcontext)
+    # The input goes through as the very same tensor: CPU inference stays bit-identical.
+    nhwc = torch.rand(2, 4, 5, 3).permute(0, 3, 1, 2)  # as network_input makes it
+    assert mode.place_input(nhwc) is nhwc
+    conv = torch.nn.Conv2d(3, 4, 3)
+    weight = conv.weight
+    assert mode.place_module(conv) is conv and conv.weight is weight
+    assert weight.is_contiguous()
+
+
+def test_forward_mode__cpu_bf16_autocasts_on_the_cpu() -> None:
+    mode = forward_mode("cpu", "bf16-mixed")
+    assert mode.memory_format == torch.preserve_format  # channels_last is for CUDA
+    a, b = torch.rand(4, 4), torch.rand(4, 4)
+    with mode.autocast():
+        inside = torch.mm(a, b)
+    assert inside.dtype == torch.bfloat16  # the context really autocasts
+    assert torch.mm(a, b).dtype == torch.float32  # and only inside
+
+
+def test_forward_mode__channels_last_placement_on_cpu_tensors() -> None:
+    """What place_input and place_module do on CUDA, checked on CPU tensors (the device part is
+    plain .to)."""
+    on_cuda = forward_mode("cuda", "32-true")
+    cpu_channels_last = ForwardMode(torch.device("cpu"), on_cuda.memory_format, None)
+    image = cpu_channels_last.place_input(torch.rand(2, 3, 8, 8))
+    conv = cpu_channels_last.place_module(torch.nn.Conv2d(3, 4, 3))
+    assert image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "dtype"),
+    [
+        ("cuda", "32-true", None),
+        ("cuda", "16-mixed", torch.float16),
+        ("cuda", "bf16-true", torch.bfloat16),  # run as bf16 autocast on the fp32 weights
+        ("cpu", "16-mixed", torch.bfloat16),  # as Lightning: no fp16 autocast on CPUs
+        ("cpu", "bf16-mixed", torch.bfloat16),
+    ],
+)
+def test_forward_mode__autocast_dtype_per_precision(
+    device: str, precision: str, dtype: torch.dtype | None
+) -> None:
+    assert forward_mode(device, precision).autocast_dtype == dtype
+
+
+@pytest.mark.parametrize("precision", ["auto", "64-true", "bf16"])
+def test_forward_mode__unresolved_precision_is_refused(precision: str) -> None:
+    with pytest.raises(ValueError, match=f"precision '{precision}' is not resolved"):
+        forward_mode("cpu", precision)
+
+
+def test_trainer_forward_mode__committed_cpu_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch, available=True, bf16=True)  # accelerator cpu: the GPU is not used
+    mode = trainer_forward_mode(_trainer())
+    assert mode == forward_mode("cpu", "32-true")
+    assert mode.device == torch.device("cpu") and mode.memory_format == torch.preserve_format
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda", "auto"])
+def test_trainer_forward_mode__bf16_gpu(monkeypatch: pytest.MonkeyPatch, accelerator: str) -> None:
+    _fake_cuda(monkeypatch, available=True, bf16=True)
+    mode = trainer_forward_mode(_trainer(accelerator=accelerator))
+    assert mode == forward_mode("cuda", "bf16-mixed")
+
+
+def test_trainer_forward_mode__gpu_asked_but_absent_runs_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _fake_cuda(monkeypatch, available=False, bf16=False)
+    assert trainer_forward_mode(_trainer(accelerator="gpu")) == forward_mode("cpu", "32-true")
+    # an explicit bf16 precision is kept: the CPU autocasts, as Lightning's CPU run would
+    explicit = _trainer(accelerator="gpu", precision="bf16-mixed")
+    assert trainer_forward_mode(explicit) == forward_mode("cpu", "bf16-mixed")
 
 
 def test_trainer_kwargs__committed_trainer_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

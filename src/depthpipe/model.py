@@ -31,6 +31,7 @@ from torch import nn
 
 from depthpipe.encoders import build_resnet
 from depthpipe.errors import DepthpipeError
+from depthpipe.hardware import FULL_PRECISION, ForwardMode, forward_mode, memory_format_for
 from depthpipe.losses import depth_loss
 from depthpipe.metrics import depth_metrics
 from depthpipe.paths import MODEL_SPEC, MODEL_WEIGHTS
@@ -82,7 +83,7 @@ def build_unet_for_inference(spec: ModelSpec) -> DynamicUnet:
 
 
 class DepthNet(nn.Module):
-    """Normalise RGB in [0, 1], run the U-Net, return log depth (B, 1, H, W)."""
+    """Normalise RGB in [0, 1], run the U-Net, return log depth (B, 1, H, W), float32."""
 
     # Buffers (set by register_buffer): declared so that they type as tensors, not as
     # nn.Module.__getattr__'s ``Tensor | Module``.
@@ -96,7 +97,9 @@ class DepthNet(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.unet((image - self.mean) / self.std)
+        # Under bf16 autocast the U-Net's last layers give bf16; the losses and metrics get
+        # float32 (a no-op, the same tensor, without autocast).
+        return self.unet((image - self.mean) / self.std).float()
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class DepthModule(pl.LightningModule):
         self.net = DepthNet(unet)
         if freeze_encoder:
             self.encoder().requires_grad_(False)
+        self.memory_format = torch.preserve_format  # of the weights and image batches
 
     def encoder(self) -> nn.Module:
         """The ResNet body inside the U-Net (DynamicUnet's first layer)."""
@@ -158,6 +162,22 @@ class DepthModule(pl.LightningModule):
         if self.hp.freeze_encoder:
             self.encoder().eval()
         return self
+
+    def use_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Weights, and from now on every image batch, in ``memory_format``."""
+        self.net.to(memory_format=memory_format)
+        self.memory_format = memory_format
+
+    def setup(self, stage: str) -> None:
+        """channels_last on CUDA (hardware.memory_format_for). Lightning calls this before it
+        moves the module to its device and wraps it in DDP, whose gradient buckets take the
+        parameters' strides at that moment: the layout must be set first."""
+        self.use_memory_format(memory_format_for(self.trainer.strategy.root_device.type))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The image batch, on the device now, in the weights' layout (no copy when it is)."""
+        batch["image"] = batch["image"].to(memory_format=self.memory_format)
+        return batch
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
@@ -283,7 +303,12 @@ def load_finetuned(model_path: Path) -> tuple[DepthNet, ModelSpec]:
 def save_finetuned(net: DepthNet, spec: ModelSpec, folder: Path) -> None:
     """Write a model folder ``load_finetuned`` reads: plain weights (model.pt) + model.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), folder / MODEL_WEIGHTS)
+    state = net.state_dict()
+    for key in list(state):
+        # NCHW whatever layout training used (channels_last on CUDA): the file does not depend
+        # on it. A tensor already contiguous is itself, so CPU runs write the same bytes.
+        state[key] = state[key].contiguous()
+    torch.save(state, folder / MODEL_WEIGHTS)
     spec.save(folder / MODEL_SPEC)
 
 
@@ -394,17 +419,24 @@ class DepthPrediction:
 
 
 def predict_depth(
-    net: DepthNet, spec: ModelSpec, photos: Sequence[Image.Image]
+    net: DepthNet,
+    spec: ModelSpec,
+    photos: Sequence[Image.Image],
+    forward: ForwardMode | None = None,
 ) -> list[DepthPrediction]:
     """Depth for a batch of full-resolution RGB photos of one size, one forward pass.
 
     The only inference path: evaluate scores it on the raw test images and predict writes it for
     users' photos. Input resized on 8-bit pixels to ``network_size``; log depth upsampled
     bilinearly to the photo's size, exp, clamped to [min_depth, max_depth], float32 throughout.
+    ``forward`` (device, input layout, autocast) is one the net was placed with
+    (``forward.place_module``); by default the net's own device in fp32.
     """
-    device = next(net.parameters()).device
-    with torch.no_grad():
-        log_depth = net(network_input(photos, spec).to(device))[:, 0].float().cpu().numpy()
+    if forward is None:
+        forward = forward_mode(next(net.parameters()).device, FULL_PRECISION)
+    image = forward.place_input(network_input(photos, spec))  # (B, 3, h, w)
+    with torch.no_grad(), forward.autocast():
+        log_depth = net(image)[:, 0].float().cpu().numpy()
     width, height = photos[0].size
     return [
         DepthPrediction(np.ascontiguousarray(one), height, width, spec.min_depth, spec.max_depth)

@@ -10,6 +10,12 @@ AND depth within [min_depth, max_depth]; metrics are computed per image and aver
 (DIODE devkit). Images are scored as their batch comes out and dropped, except those shown in
 the picture grid, so memory holds one batch, not the split.
 
+The networks run where fine-tuning ran them (``depthpipe.hardware.trainer_forward_mode`` of
+``finetune.trainer``): on one CUDA GPU when ``accelerator`` is auto, gpu or cuda and a GPU is here,
+channels_last, under autocast at ``precision`` resolved as fine-tuning resolves it (auto: bf16 on
+a GPU with bf16 tensor cores); otherwise on the CPU in fp32, layouts as they are. Predictions come
+back as float32 either way.
+
 Beside the two networks, ``prior.*`` scores the floor to beat: the training split's per-pixel mean
 log depth, resized to each test image, a guess that looks at no pixel of it (depthpipe.prior).
 
@@ -41,6 +47,7 @@ from depthpipe.data.diode import BadSample, Sample, SampleFiles
 from depthpipe.data.diode import read_sample as read_raw_sample
 from depthpipe.data.packed import read_index
 from depthpipe.errors import DepthpipeError, run_cli
+from depthpipe.hardware import ForwardMode, trainer_forward_mode
 from depthpipe.metrics import HIGHER_IS_BETTER, METRIC_NAMES, average_metrics, depth_metrics
 from depthpipe.model import DepthNet, ModelSpec, load_finetuned, predict_depth
 from depthpipe.paths import (
@@ -129,13 +136,19 @@ def valid_pixels(sample: Sample, depth: DepthConfig) -> np.ndarray:
 
 
 def predict_batch(
-    batch: list[TestFile], nets: dict[str, Model], depth: DepthConfig, log_prior: np.ndarray
+    batch: list[TestFile],
+    nets: dict[str, Model],
+    depth: DepthConfig,
+    log_prior: np.ndarray,
+    forward: ForwardMode | None = None,
 ) -> Iterator[TestImage]:
     """One forward pass per network for the batch; full-resolution depth made image by image,
     with the prior's guess for the image's size beside them."""
     samples = [read_test_sample(files) for _, files in batch]
     photos = [Image.fromarray(sample.image) for sample in samples]
-    predictions = {model: predict_depth(net, spec, photos) for model, (net, spec) in nets.items()}
+    predictions = {
+        model: predict_depth(net, spec, photos, forward) for model, (net, spec) in nets.items()
+    }
     for i, ((name, _), sample) in enumerate(zip(batch, samples, strict=True)):
         yield TestImage(
             name=name,
@@ -151,13 +164,19 @@ def predict_batch(
 
 
 def predict_test_images(
-    paths: ProjectPaths, nets: dict[str, Model], *, batch_size: int, depth: DepthConfig
+    paths: ProjectPaths,
+    nets: dict[str, Model],
+    *,
+    batch_size: int,
+    depth: DepthConfig,
+    forward: ForwardMode | None = None,
 ) -> Iterator[TestImage]:
-    """Every test image with each model's prediction, ``batch_size`` images per forward pass."""
+    """Every test image with each model's prediction, ``batch_size`` images per forward pass;
+    ``forward`` as in ``predict_depth`` (by default the nets' device, fp32)."""
     log_prior = packed_prior(paths.packed_split(TRAIN_SPLIT), depth)
     batches = size_batches(split_files(paths), batch_size, lambda item: header_size(item[1].image))
     for batch in batches:
-        yield from predict_batch(batch, nets, depth, log_prior)
+        yield from predict_batch(batch, nets, depth, log_prior, forward)
 
 
 def keep_first(images: Iterable[T], kept: list[T], count: int) -> Iterator[T]:
@@ -282,13 +301,20 @@ def log_pictures(live_dir: Path, grid: Figure, chart: Figure) -> None:
     plt.close(chart)
 
 
+def load_model(folder: Path, forward: ForwardMode) -> Model:
+    """A fine-tuned network on ``forward``'s device, in its layout."""
+    net, spec = load_finetuned(folder)
+    return forward.place_module(net), spec
+
+
 def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
+    forward = trainer_forward_mode(params.finetune.trainer)
     nets = {
-        "encoder": load_finetuned(paths.finetune_dir(params.aug)),
-        "scratch": load_finetuned(paths.finetune_dir(SCRATCH)),
+        "encoder": load_model(paths.finetune_dir(params.aug), forward),
+        "scratch": load_model(paths.finetune_dir(SCRATCH), forward),
     }
     images = predict_test_images(
-        paths, nets, batch_size=params.evaluate.batch_size, depth=params.depth
+        paths, nets, batch_size=params.evaluate.batch_size, depth=params.depth, forward=forward
     )
     shown: list[TestImage] = []
     results, per_image = score_images(
