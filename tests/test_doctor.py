@@ -1,9 +1,12 @@
 """The pre-flight check (``python -m depthpipe.doctor``) and the launch files in launch/.
 
-The doctor runs as a real subprocess on a temporary copy of the project's DVC set-up with params
-written by tests/helpers.py; small disks and read-only remotes are real tmpfs mounts where this
-machine allows mounting (as root), else skipped. The pure decisions (precision and devices on a
-GPU node this machine does not have) are called directly with a ``Hardware`` value.
+The doctor's whole command (``doctor.main``: argument parsing, every check, the printed report,
+the exit status) runs in-process on a temporary copy of the project's DVC set-up with params
+written by tests/helpers.py; a new interpreter importing torch costs ~5 s a run, so one test
+alone runs ``python -m depthpipe.doctor`` as a subprocess to prove the command line's exit
+status. Small disks and read-only remotes are real tmpfs mounts where this machine allows
+mounting (as root), else skipped. The pure decisions (precision and devices on a GPU node this
+machine does not have) are called directly with a ``Hardware`` value.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +76,26 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-def _doctor(root: Path, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
-    result = run_module("depthpipe.doctor", "--root", str(root), cwd=root, env=env, timeout=300)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.returncode, result.stdout.splitlines()
+RunDoctor = Callable[[Path], tuple[int, list[str]]]
+
+
+@pytest.fixture
+def run_doctor(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> RunDoctor:
+    """run(root) -> (exit status, printed lines) of ``python -m depthpipe.doctor --root root``,
+    called in-process from the project folder as the command line would be. The doctor reads
+    os.environ (SLURM_*, WORLD_SIZE) at call time, so a test sets a variable with
+    monkeypatch.setenv; CUDA_VISIBLE_DEVICES it does not: torch reads that once per process, so
+    a test of it would need a subprocess."""
+
+    def run(root: Path) -> tuple[int, list[str]]:
+        monkeypatch.chdir(root)
+        capsys.readouterr()  # only this run's report
+        code = doctor.main(["--root", str(root)])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err, err
+        return code, out.splitlines()
+
+    return run
 
 
 def _lines(lines: list[str], status: str, topic: str) -> list[str]:
@@ -108,9 +127,9 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[Any]:
 # --- the real module on a real project ------------------------------------------------------
 
 
-def test_doctor__committed_demo_params_pass(project: Path) -> None:
+def test_doctor__committed_demo_params_pass(project: Path, run_doctor: RunDoctor) -> None:
     (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 0, "\n".join(lines)
     assert not [line for line in lines if line.startswith("FAIL")], lines
     for topic in ("params", "accelerator", "precision", "devices", "disk", "remote", "raw data"):
@@ -126,9 +145,11 @@ def test_doctor__committed_demo_params_pass(project: Path) -> None:
     assert not list(project.glob("*link-probe*"))
 
 
-def test_doctor__bad_params_yaml_is_a_fail_line_naming_the_key(project: Path) -> None:
+def test_doctor__bad_params_yaml_is_a_fail_line_naming_the_key(
+    project: Path, run_doctor: RunDoctor
+) -> None:
     write_params(project, {"finetune": {"lr": 20.0}})
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 1
     assert _lines(lines, "FAIL", "params") == [
         "FAIL params      finetune.lr: 20.0 is above the maximum 10.0"
@@ -136,18 +157,20 @@ def test_doctor__bad_params_yaml_is_a_fail_line_naming_the_key(project: Path) ->
     assert "1 failed" in lines[-1]
 
 
-def test_doctor__missing_params_yaml_fails(project: Path) -> None:
+def test_doctor__missing_params_yaml_fails(project: Path, run_doctor: RunDoctor) -> None:
     (project / "params.yaml").unlink()
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 1
     assert any("params file not found" in line for line in _lines(lines, "FAIL", "params"))
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
-def test_doctor__bf16_without_a_cuda_gpu_fails(project: Path, accelerator: str) -> None:
+def test_doctor__bf16_without_a_cuda_gpu_fails(
+    project: Path, accelerator: str, run_doctor: RunDoctor
+) -> None:
     trainer = {"accelerator": accelerator, "precision": "bf16-mixed"}
     write_params(project, {"finetune": {"trainer": trainer}})
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 1
     fails = _lines(lines, "FAIL", "precision")
     assert len(fails) == 1 and fails[0].startswith(
@@ -158,10 +181,12 @@ def test_doctor__bf16_without_a_cuda_gpu_fails(project: Path, accelerator: str) 
     assert _lines(lines, "PASS", "precision")[0].startswith("PASS precision   pretrain.trainer")
 
 
-def test_doctor__four_gpus_requested_on_a_node_without_any_fail(project: Path) -> None:
+def test_doctor__four_gpus_requested_on_a_node_without_any_fail(
+    project: Path, run_doctor: RunDoctor
+) -> None:
     trainer = {"accelerator": "gpu", "devices": 4}
     write_params(project, {"pretrain": {"trainer": trainer}, "finetune": {"trainer": trainer}})
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 1
     assert _lines(lines, "FAIL", "devices") == [
         f"FAIL devices     {section}.trainer: 4 device(s) x 1 node(s) = 4 process(es) on gpu: "
@@ -170,19 +195,21 @@ def test_doctor__four_gpus_requested_on_a_node_without_any_fail(project: Path) -
     ]
 
 
-def test_doctor__data_beyond_any_disk_fails(project: Path) -> None:
+def test_doctor__data_beyond_any_disk_fails(project: Path, run_doctor: RunDoctor) -> None:
     write_params(project, HUGE)
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 1
     raw = [line for line in _lines(lines, "FAIL", "disk") if " data/raw: " in line]
     assert raw and re.search(r"needs ~[\d.]+ TB; [\d.]+ [KMGT]?B free on /", raw[0]), raw
 
 
-def test_doctor__data_on_a_small_disk_fails_there_only(project: Path, mount_tmpfs: Any) -> None:
+def test_doctor__data_on_a_small_disk_fails_there_only(
+    project: Path, mount_tmpfs: Any, run_doctor: RunDoctor
+) -> None:
     # data/ on its own 4 MB filesystem; one 1024x768 sample alone is ~8.6 MB raw.
     mount_tmpfs(project / "data", "4m")
     write_params(project, {"data": {"synthetic": {"width": 1024, "height": 768}}})
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 1
     disk = {line.split(":")[0].split()[-1]: line for line in lines if " disk " in line}
     data = project / "data"
@@ -196,10 +223,12 @@ def test_doctor__data_on_a_small_disk_fails_there_only(project: Path, mount_tmpf
     assert disk[".depthpipe/fetch"].startswith("PASS")
 
 
-def test_doctor__fetched_data_are_reported_and_need_no_disk(project: Path) -> None:
+def test_doctor__fetched_data_are_reported_and_need_no_disk(
+    project: Path, run_doctor: RunDoctor
+) -> None:
     paths = project_paths(project)
     fetch.run(load_params(paths.params), paths)
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 0, lines
     (state,) = _lines(lines, "PASS", "raw data")
     assert re.fullmatch(
@@ -211,15 +240,17 @@ def test_doctor__fetched_data_are_reported_and_need_no_disk(project: Path) -> No
     assert "needs ~0 B (already there for these params)" in raw
     # Other params: fetch will run again, and the doctor says so.
     write_params(project, {"data": {"megadepth_max_images": 3}})
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 0
     assert _lines(lines, "WARN", "raw data")[0].endswith("but params differ: fetch runs again")
 
 
-def test_doctor__remote_under_a_file_fails(project: Path, tmp_path: Path) -> None:
+def test_doctor__remote_under_a_file_fails(
+    project: Path, tmp_path: Path, run_doctor: RunDoctor
+) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     _dvc_config(project, tmp_path / "a-file" / "storage")
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 1
     (fail,) = _lines(lines, "FAIL", "remote")
     assert fail.startswith(
@@ -227,34 +258,58 @@ def test_doctor__remote_under_a_file_fails(project: Path, tmp_path: Path) -> Non
     )
 
 
-def test_doctor__read_only_remote_fails(project: Path, tmp_path: Path, mount_tmpfs: Any) -> None:
+def test_doctor__read_only_remote_fails(
+    project: Path, tmp_path: Path, mount_tmpfs: Any, run_doctor: RunDoctor
+) -> None:
     mount_tmpfs(tmp_path / "read-only", "1m", read_only=True)
     _dvc_config(project, tmp_path / "read-only")
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 1
     (fail,) = _lines(lines, "FAIL", "remote")
     assert "not writable" in fail and "Read-only file system" in fail, fail
 
 
 def test_doctor__remote_folder_not_made_yet_warns_and_stays_absent(
-    project: Path, tmp_path: Path
+    project: Path, tmp_path: Path, run_doctor: RunDoctor
 ) -> None:
     remote = tmp_path / "shares" / "depthpipe"
     _dvc_config(project, remote)
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 0
     (warn,) = _lines(lines, "WARN", "remote")
     assert "does not exist yet, writable" in warn
     assert not (tmp_path / "shares").exists()  # the probe's folders were removed again
 
 
-def test_doctor__no_remote_warns(project: Path) -> None:
+def test_doctor__no_remote_warns(project: Path, run_doctor: RunDoctor) -> None:
     _dvc_config(project, None)
-    code, lines = _doctor(project)
+    code, lines = run_doctor(project)
     assert code == 0
     assert _lines(lines, "WARN", "remote") == [
         "WARN remote      no default DVC remote: dvc push has nowhere to go"
     ]
+
+
+def test_doctor__command_line_exits_1_on_a_fail_and_0_on_a_pass(project: Path) -> None:
+    """The real command, ``python -m depthpipe.doctor``, in a new interpreter: the one path the
+    in-process tests skip (``__main__`` turning main's status into the process's exit status)."""
+
+    def command_line() -> tuple[int, list[str]]:
+        result = run_module("depthpipe.doctor", "--root", str(project), cwd=project, timeout=300)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.returncode, result.stdout.splitlines()
+
+    write_params(project, {"finetune": {"lr": 20.0}})
+    code, lines = command_line()
+    assert code == 1, lines
+    assert _lines(lines, "FAIL", "params") == [
+        "FAIL params      finetune.lr: 20.0 is above the maximum 10.0"
+    ]
+    assert lines[-1].endswith("1 failed: not ready: fix the FAIL lines"), lines
+    write_params(project)
+    code, lines = command_line()
+    assert code == 0, lines
+    assert lines[-1].startswith("doctor: ") and lines[-1].endswith("0 failed: ready"), lines
 
 
 # --- decisions for hardware this machine does not have --------------------------------------

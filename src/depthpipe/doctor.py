@@ -20,6 +20,7 @@ each can be tested on its own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import threading
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from depthpipe.cli import stage_arguments
 from depthpipe.config import DataConfig, Params, TrainerConfig, load_params
 from depthpipe.data import local, official
 from depthpipe.data.download import free_bytes, human_size
@@ -602,14 +602,17 @@ def summary(checks: Sequence[Check]) -> str:
     return f"doctor: {tally}: {verdict}"
 
 
-def main() -> None:
-    args = stage_arguments(__doc__)
-    checks = run_checks(args.root)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the report and return the exit status; ``argv`` None reads the command line.
+    Returning (not raising SystemExit) lets tests run the whole command in-process."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
+    checks = run_checks(parser.parse_args(argv).root)
     for check in checks:
         print(check.line(), flush=True)
     print(summary(checks))
-    raise SystemExit(1 if any(c.status == "FAIL" for c in checks) else 0)
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -98,10 +98,16 @@ def prepare_workdir(paths: ProjectPaths, preset: str, key: str) -> tuple[Path, b
 
 
 def checkpoint_epoch(checkpoint: Path) -> int:
-    """The epoch a Lightning checkpoint will resume at (it stores the next epoch to run)."""
+    """The epochs a Lightning checkpoint has completed, i.e. the 0-based epoch it resumes at.
+
+    Not the checkpoint's ``epoch`` field: LightlyTrain saves at the end of an epoch, before
+    Lightning counts it, so ``epoch`` is the index of the epoch just finished (0 after the
+    first). The fit loop's processed-epoch counter is what Lightning itself resumes from.
+    """
     import torch
 
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"])
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
 
 
 def pretrain(arguments: dict[str, Any], data: Path, workdir: Path, resume: bool) -> float:
