@@ -5,18 +5,22 @@ Fixtures live in conftest.py; plain functions live here so tests import them exp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from PIL import Image
 
 from depthpipe.encoders import build_resnet
+from depthpipe.errors import run_cli
 from depthpipe.model import DepthNet, ModelSpec, build_unet, save_finetuned
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +84,35 @@ def run_module(
         timeout=timeout,
         check=False,
     )
+
+
+def exit_status(code: object) -> int:
+    """The status a process exits with after ``sys.exit(code)``: None is 0, a message is 1."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
+
+
+def run_main(main: Callable[[], None], *args: str, cwd: Path) -> int:
+    """``python -m <module> *args`` run in this process: the module's ``main`` through the same
+    ``run_cli``, with sys.argv and the working folder set for the call; returns the exit status
+    (output: capsys). A subprocess would import torch, Lightning and fastai again, 20 s and more
+    per test on the shared CI cores; one ``run_module`` test per command keeps the real command
+    line covered.
+    """
+    # What a main sets for its whole process, put back so later tests see the defaults.
+    grad_enabled, max_pixels, argv = torch.is_grad_enabled(), Image.MAX_IMAGE_PIXELS, sys.argv
+    sys.argv = [main.__module__, *args]
+    try:
+        with contextlib.chdir(cwd):
+            run_cli(main)
+    except SystemExit as stop:
+        return exit_status(stop.code)
+    finally:
+        sys.argv = argv
+        torch.set_grad_enabled(grad_enabled)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    return 0
 
 
 def copy_project(source: Path, target: Path) -> Path:

@@ -16,10 +16,12 @@ from depthpipe import predict
 from depthpipe.errors import DepthpipeError
 from depthpipe.model import DepthPrediction
 from depthpipe.paths import project_paths
-from tests.helpers import run_module
+from tests.helpers import run_main, run_module
 
 
-def test_predict__odd_sized_rgba_and_exif(scored_project: Path, tmp_path: Path) -> None:
+def test_predict__odd_sized_rgba_and_exif(
+    scored_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rgba = np.random.default_rng(0).integers(0, 255, size=(37, 53, 4), dtype=np.uint8)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "odd.png")
     rotated = Image.new("RGB", (40, 30), (120, 130, 140))
@@ -29,8 +31,8 @@ def test_predict__odd_sized_rgba_and_exif(scored_project: Path, tmp_path: Path) 
     Image.new("L", (33, 21), 90).save(tmp_path / "grey.png")
     out = tmp_path / "out"
     model = project_paths(scored_project).finetune_dir("scratch")
-    result = run_module(
-        "depthpipe.predict",
+    status = run_main(
+        predict.main,
         str(tmp_path / "odd.png"),
         str(tmp_path / "phone.jpg"),
         str(tmp_path / "grey.png"),
@@ -40,7 +42,7 @@ def test_predict__odd_sized_rgba_and_exif(scored_project: Path, tmp_path: Path) 
         str(out),
         cwd=tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert status == 0, capsys.readouterr().err[-2000:]
     for stem, shape in (("odd", (37, 53)), ("phone", (40, 30)), ("grey", (21, 33))):
         depth = np.load(out / f"{stem}_depth.npy")
         assert depth.dtype == np.float32 and depth.shape == shape
@@ -49,7 +51,9 @@ def test_predict__odd_sized_rgba_and_exif(scored_project: Path, tmp_path: Path) 
             assert picture.size == (shape[1], shape[0]) and picture.mode == "RGB"
 
 
-def test_predict__folder_with_corrupt_file(scored_project: Path, tmp_path: Path) -> None:
+def test_predict__folder_with_corrupt_file(
+    scored_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(3):
@@ -57,16 +61,18 @@ def test_predict__folder_with_corrupt_file(scored_project: Path, tmp_path: Path)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "out"
     model = project_paths(scored_project).finetune_dir("scratch") / "model.pt"
-    result = run_module(
-        "depthpipe.predict", str(folder), "--model", str(model), "--out", str(out), cwd=tmp_path
+    status = run_main(
+        predict.main, str(folder), "--model", str(model), "--out", str(out), cwd=tmp_path
     )
-    assert result.returncode == 1
-    assert "broken.jpg" in result.stderr
+    assert status == 1
+    assert "broken.jpg" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("*.npy")) == [f"ok{i}_depth.npy" for i in range(3)]
     assert not list(out.glob("broken*")) and not list(out.glob(".*"))
 
 
 def test_predict__missing_model_is_clear(tmp_path: Path) -> None:
+    """The one test of the real command line (``python -m``, exit status and stderr of the
+    process); the others call its main in-process (run_main)."""
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     args = [str(tmp_path / "a.png"), "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]
     result = run_module("depthpipe.predict", *args, cwd=tmp_path)
@@ -101,20 +107,22 @@ def png_claiming(path: Path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
-def test_predict__decompression_bomb_is_skipped(scored_project: Path, tmp_path: Path) -> None:
+def test_predict__decompression_bomb_is_skipped(
+    scored_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     png_claiming(folder / "bomb.png", 100_000, 100_000)
     Image.new("RGB", (64, 48), (90, 120, 150)).save(folder / "fine.png")
     out = tmp_path / "out"
     model = str(project_paths(scored_project).finetune_dir("scratch"))
-    result = run_module(
-        "depthpipe.predict", str(folder), "--model", model, "--out", str(out), cwd=tmp_path
-    )
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert f"skipped {folder / 'bomb.png'}: too large: 100000x100000" in result.stderr
-    assert "10,000,000,000 pixels" in result.stderr and f"{predict.MAX_PIXELS:,}" in result.stderr
+    # an exception escaping main (the subprocess's traceback) fails the test here
+    status = run_main(predict.main, str(folder), "--model", model, "--out", str(out), cwd=tmp_path)
+    stderr = capsys.readouterr().err
+    assert status == 1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert f"skipped {folder / 'bomb.png'}: too large: 100000x100000" in stderr
+    assert "10,000,000,000 pixels" in stderr and f"{predict.MAX_PIXELS:,}" in stderr
     assert sorted(p.name for p in out.iterdir()) == ["fine_depth.npy", "fine_depth.png"]
 
 
@@ -141,23 +149,21 @@ def under_a_file(tmp_path: Path) -> Path:
     ],
 )
 def test_predict__unwritable_output_is_one_clear_line(
-    scored_project: Path, tmp_path: Path, make_out: Callable[[Path], Path]
+    scored_project: Path,
+    tmp_path: Path,
+    make_out: Callable[[Path], Path],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
     out = make_out(tmp_path)
     model = str(project_paths(scored_project).finetune_dir("scratch"))
-    result = run_module(
-        "depthpipe.predict",
-        str(tmp_path / "a.png"),
-        "--model",
-        model,
-        "--out",
-        str(out),
-        cwd=tmp_path,
+    status = run_main(
+        predict.main, str(tmp_path / "a.png"), "--model", model, "--out", str(out), cwd=tmp_path
     )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    last_line = result.stderr.strip().splitlines()[-1]  # earlier lines: library import warnings
-    assert last_line.startswith(f"error: {out}: cannot write the output folder: ")
+    stderr = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in stderr
+    (line,) = stderr.strip().splitlines()  # in-process: no library import warnings before it
+    assert line.startswith(f"error: {out}: cannot write the output folder: ")
 
 
 @pytest.mark.parametrize("via_file", [True, False], ids=["I;16 png", "mode I"])

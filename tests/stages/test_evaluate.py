@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from depthpipe import predict
 from depthpipe.config import load_params
 from depthpipe.data.packed import PackedDepthDataset
 from depthpipe.errors import DepthpipeError
@@ -15,14 +16,18 @@ from depthpipe.metrics import depth_metrics
 from depthpipe.model import load_finetuned, network_input
 from depthpipe.paths import ProjectPaths, project_paths
 from depthpipe.stages import evaluate
-from tests.helpers import REPO, run_module, write_params
+from tests.helpers import REPO, run_main, run_module, write_params
 
 
-def test_evaluate__writes_fixed_keys_and_pictures(scored_project: Path) -> None:
-    result = run_module("depthpipe.stages.evaluate", cwd=scored_project)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_evaluate__writes_fixed_keys_and_pictures(
+    scored_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = run_main(evaluate.main, cwd=scored_project)  # the stage's command, --root "."
+    printed = capsys.readouterr()
+    assert status == 0, printed.err[-2000:]
     paths = project_paths(scored_project)
     report = json.loads(paths.evaluate_metrics.read_text())
+    assert printed.out == paths.evaluate_metrics.read_text()  # the summary is the file written
     names = {
         "abs_rel",
         "sq_rel",
@@ -132,7 +137,7 @@ def test_evaluate__batch_size_is_images_per_forward_pass(scored_project: Path) -
 
 
 def test_evaluate__scores_what_predict_writes_for_the_same_file(
-    scored_project: Path, tmp_path: Path
+    scored_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     paths = project_paths(scored_project)
     params = load_params(paths.params)
@@ -144,17 +149,17 @@ def test_evaluate__scores_what_predict_writes_for_the_same_file(
     png = evaluate.split_files(paths)[0][1].image  # the raw DIODE test PNG evaluate read
     out = tmp_path / "out"
     model = str(paths.finetune_dir("scratch"))
-    result = run_module(
-        "depthpipe.predict", str(png), "--model", model, "--out", str(out), cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    status = run_main(predict.main, str(png), "--model", model, "--out", str(out), cwd=tmp_path)
+    assert status == 0, capsys.readouterr().err[-2000:]
     written = np.load(out / f"{png.stem}_depth.npy")
     assert written.dtype == scored.dtype == np.float32
     # evaluate ran a batch of 3, predict a batch of 1: equal up to float32 summation order
     np.testing.assert_allclose(written, scored, rtol=1e-5)
 
 
-def test_evaluate__missing_model_named(scored_project: Path, tmp_path: Path) -> None:
+def test_evaluate__missing_model_named(tmp_path: Path) -> None:
+    """The one test of the stage's real command line (``python -m``, exit status and stderr of
+    the process); the others call its main in-process (run_main) or its functions."""
     write_params(tmp_path)
     result = run_module("depthpipe.stages.evaluate", cwd=tmp_path)
     assert result.returncode == 2 and "model.json: model description not found" in result.stderr
