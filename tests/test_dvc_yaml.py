@@ -37,9 +37,9 @@ STAGE_MODULES = {
 # Imported by every module but carry no behaviour that changes outputs.
 NEUTRAL = {"depthpipe", "depthpipe.errors"}
 # ProjectPaths members that are no pipeline data: the project folder, the params file (a DVC
-# params dep, not a path dep) and the resumable working folders of pretrain and fetch (outside
-# every output).
-NEUTRAL_MEMBERS = {"root", "params", "pretrain_workdir", "fetch_workdir"}
+# params dep, not a path dep) and the resumable working folders of pretrain, finetune and fetch
+# (outside every output).
+NEUTRAL_MEMBERS = {"root", "params", "pretrain_workdir", "finetune_workdir", "fetch_workdir"}
 # ProjectPaths methods whose argument is no encoder or preset name, and the names they take.
 MEMBER_ARGUMENTS = {"packed_split": PACKED_SPLITS}
 

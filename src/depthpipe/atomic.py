@@ -3,16 +3,40 @@
 A stage builds each output in a hidden sibling (same filesystem, so the final rename is atomic)
 and only replaces the real path once everything succeeded. On any exception, Ctrl-C included,
 the sibling is deleted and whatever was at the real path before is untouched.
+
+A process killed outright (SIGKILL, a lost node) cannot clean up: its hidden siblings stay
+(``.<name>.tmp-<random>`` being built, ``.<name>.old-<pid>`` moved aside). Staging the same
+output again removes them first, so the next run of the stage sweeps what a killed one left.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _staging_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"  # tempfile appends a random part of letters, digits and _
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old-{os.getpid()}")
+
+
+def leftovers(final: Path) -> list[Path]:
+    """The hidden siblings earlier stagings of ``final`` left: ``.<name>.tmp-<random>`` and
+    ``.<name>.old-<pid>``. Neither suffix holds a dot, so the leftovers of an output named
+    ``a.tmp-x`` (``.a.tmp-x.tmp-<random>``) are not taken for those of ``a``."""
+    if not final.parent.is_dir():
+        return []
+    own = re.compile(rf"\.{re.escape(final.name)}\.(tmp-[^.]+|old-[0-9]+)")
+    with os.scandir(final.parent) as entries:
+        return sorted(final.parent / e.name for e in entries if own.fullmatch(e.name))
 
 
 def _remove(path: Path) -> None:
@@ -22,11 +46,16 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def remove_leftovers(final: Path) -> None:
+    for path in leftovers(final):
+        _remove(path)
+
+
 def _replace(staged: Path, final: Path) -> None:
     if final.exists() or final.is_symlink():
         # Move the old output aside first so the final path is never missing for long and a
         # failed rename can be undone.
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = _aside(final)
         os.replace(final, old)
         try:
             os.replace(staged, final)
@@ -40,9 +69,11 @@ def _replace(staged: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty staging folder that becomes ``final`` when the block exits cleanly."""
+    """Yield an empty staging folder that becomes ``final`` when the block exits cleanly
+    (what killed earlier stagings of ``final`` left is removed first)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_leftovers(final)
+    staged = Path(tempfile.mkdtemp(prefix=_staging_prefix(final), dir=final.parent))
     try:
         yield staged
     except BaseException:
@@ -52,10 +83,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a staging file path that becomes ``final`` when the block exits cleanly."""
+def atomic_file(final: Path, *, sweep: bool = False) -> Iterator[Path]:
+    """Yield a staging file path that becomes ``final`` when the block exits cleanly.
+
+    ``sweep``: first remove what killed earlier stagings of ``final`` left. That lists the
+    folder, so it is off by default: predict writes thousands of files into one user folder,
+    where a listing per file would make the run quadratic. Stage outputs (atomic_outputs,
+    write_text_atomic) sweep; their folders are small.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    if sweep:
+        remove_leftovers(final)
+    fd, name = tempfile.mkstemp(prefix=_staging_prefix(final), dir=final.parent)
     os.close(fd)
     staged = Path(name)
     try:
@@ -67,7 +106,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(final: Path, text: str) -> None:
-    with atomic_file(final) as staged:
+    with atomic_file(final, sweep=True) as staged:
         staged.write_text(text)
 
 
@@ -76,18 +115,7 @@ def atomic_outputs(*finals: Path) -> Iterator[tuple[Path, ...]]:
     """Stage several outputs together; none replaces its final path unless all were written."""
     with contextlib.ExitStack() as stack:
         staged = tuple(
-            stack.enter_context(atomic_dir(p) if not p.suffix else atomic_file(p)) for p in finals
+            stack.enter_context(atomic_dir(p) if not p.suffix else atomic_file(p, sweep=True))
+            for p in finals
         )
         yield staged
-
-
-@contextlib.contextmanager
-def staged_outputs(*finals: Path, publish: bool) -> Iterator[tuple[Path, ...]]:
-    """``atomic_outputs`` in the process that publishes; elsewhere (a DDP worker) throwaway
-    folders, so only one process ever replaces the real outputs."""
-    if publish:
-        with atomic_outputs(*finals) as staged:
-            yield staged
-        return
-    with tempfile.TemporaryDirectory(prefix="depthpipe-worker-") as scratch:
-        yield tuple(Path(scratch) / f"{i}-{p.name}" for i, p in enumerate(finals))

@@ -134,6 +134,11 @@ class ProjectPaths:
     def finetune_dir(self, name: str) -> Path:
         return self.root / "models" / "finetune" / name
 
+    def finetune_workdir(self, name: str, key: str) -> Path:
+        # Checkpoints and curves while training, kept until exported so a killed run resumes;
+        # outside every stage output, like pretrain_workdir.
+        return self.root / ".depthpipe" / "finetune" / f"{name}-{key}"
+
     def finetune_live(self, name: str) -> Path:
         return self.root / "dvclive" / "finetune" / name
 
@@ -249,8 +254,12 @@ def stage_io(stage: str, item: str | None = None, *, aug: str | None = None) -> 
                 p.packed_split(TEST_SPLIT),
                 p.raw_diode / DIODE_VAL_SPLIT,
                 p.packed_split(TRAIN_SPLIT),
-                p.finetune_dir(SCRATCH),
-                p.finetune_dir(aug),
+                # The files evaluate loads (load_finetuned), not the whole network folder.
+                *(
+                    p.finetune_dir(n) / f
+                    for n in (SCRATCH, aug)
+                    for f in (MODEL_WEIGHTS, MODEL_SPEC)
+                ),
             ),
             metrics=rel(p.evaluate_metrics),
             plots=rel(p.evaluate_per_image, p.evaluate_images),

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from depthpipe.config import load_params
 from depthpipe.data.packed import PackedDepthDataset
@@ -152,3 +159,228 @@ def test_finetune__two_processes_ddp_on_cpu(project: Path) -> None:
     assert json.loads((paths.finetune_live("scratch") / "metrics.json").read_text())["val"]
     leftovers = [p for p in paths.finetune_dir("scratch").parent.iterdir() if p.name[0] == "."]
     assert leftovers == []
+
+
+# -- a run killed part-way ---------------------------------------------------------------------
+
+# Killed at the end of epoch 1 of 3, when it has logged epoch 1 but its resume point is still the
+# start of epoch 1: the resumed run must redo epoch 1 without logging it twice, then go on.
+RESUME_EPOCHS = 3
+VAL_CURVE = Path("plots", "metrics", "val", "abs_rel.tsv")
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    project: Path  # finetune@scratch SIGKILLed in its last epoch, after logging its validation
+    reference: Path  # the same project fine-tuned without interruption
+
+
+def _workdirs(root: Path) -> list[Path]:
+    return sorted((root / ".depthpipe" / "finetune").glob("scratch-*"))
+
+
+def _rows(tsv: Path) -> int:
+    with suppress(OSError):
+        return len(tsv.read_text().splitlines())
+    return 0
+
+
+def _logged_past_resume_point(root: Path) -> bool:
+    """The run has a resume point and has logged a validation after it: resuming must neither
+    log that epoch twice nor lose it."""
+    for workdir in _workdirs(root):
+        resume = workdir / "resume"
+        if (resume / "last.ckpt").is_file():
+            return _rows(workdir / "live" / VAL_CURVE) > _rows(resume / "live" / VAL_CURVE)
+    return False
+
+
+def _kill_after_logging_past_resume_point(project: Path, log: Path) -> None:
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "depthpipe.stages.finetune", "scratch"],
+            cwd=project,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while process.poll() is None and time.monotonic() < deadline:
+            if _logged_past_resume_point(project):
+                process.send_signal(signal.SIGKILL)  # a lost node: no chance to clean up
+                process.wait(timeout=60)
+                return
+            time.sleep(0.01)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    raise AssertionError(
+        f"finetune was not caught past its resume point:\n{log.read_text()[-3000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def interrupted(scratch_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Interrupted:
+    """Shared, tests copy it: a killed fine-tuning and an uninterrupted one, same params."""
+    base = tmp_path_factory.mktemp("interrupted")
+    project = copy_project(scratch_project, base / "killed")
+    write_params(project, {"finetune": {"epochs": RESUME_EPOCHS}})
+    reference = copy_project(project, base / "reference")
+    _kill_after_logging_past_resume_point(project, base / "killed.log")
+    [workdir] = _workdirs(project)
+    resume = workdir / "resume"
+    assert finetune.checkpoint_epoch(resume / "last.ckpt") == 1
+    assert _rows(workdir / "live" / VAL_CURVE) > _rows(resume / "live" / VAL_CURVE)
+    paths = project_paths(reference)
+    finetune.run(load_params(paths.params), paths, "scratch")
+    return Interrupted(project, reference)
+
+
+def _curves(live: Path) -> dict[str, str]:
+    return {str(t.relative_to(live)): t.read_text() for t in sorted(live.rglob("*.tsv"))}
+
+
+def _steps(tsv_text: str) -> list[int]:
+    return [int(row.split("\t")[0]) for row in tsv_text.splitlines()[1:]]
+
+
+def assert_trained_as(root: Path, reference: Path) -> None:
+    """The same curves, steps and numbers as the reference run, and the same network."""
+    live, reference_live = (project_paths(r).finetune_live("scratch") for r in (root, reference))
+    curves, expected = _curves(live), _curves(reference_live)
+    assert curves.keys() == expected.keys()
+    for name, text in curves.items():
+        assert _steps(text) == _steps(expected[name]), name
+        if "/perf/" not in name:  # perf/: wall-clock shares, never equal
+            assert text == expected[name], name
+    for name in ("train/loss.tsv", "val/abs_rel.tsv"):  # one point per epoch, each step once
+        steps = _steps(curves[f"plots/metrics/{name}"])
+        assert len(steps) == RESUME_EPOCHS == len(set(steps)), (name, steps)
+    nets = [load_finetuned(project_paths(r).finetune_dir("scratch"))[0] for r in (root, reference)]
+    weights, expected_weights = (n.state_dict() for n in nets)
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+
+
+def _summary(root: Path) -> dict:
+    return json.loads((project_paths(root).finetune_dir("scratch") / "finetune.json").read_text())
+
+
+@pytest.mark.slow
+def test_finetune__killed_run_resumes_and_ends_as_the_uninterrupted_run(
+    interrupted: Interrupted, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another path than the killed run's: Lightning's checkpoint holds absolute paths.
+    project = copy_project(interrupted.project, tmp_path / "p")
+    [workdir] = _workdirs(project)
+    paths = project_paths(project)
+    assert not paths.finetune_dir("scratch").exists()  # nothing half-exported
+
+    summary = finetune.run(load_params(paths.params), paths, "scratch")
+    assert f"finetune@scratch: resumed from epoch 1 of 3 ({workdir})\n" in capsys.readouterr().out
+    assert summary["resumed"] is True and summary["resumed_at_epoch"] == 1
+    assert summary["epochs"] == RESUME_EPOCHS
+    assert summary["run_key"] == workdir.name.removeprefix("scratch-")
+    assert _summary(project) == summary
+    assert_trained_as(project, interrupted.reference)
+    assert _workdirs(project) == []
+
+
+@pytest.mark.slow
+def test_finetune__changed_params_start_clean(
+    interrupted: Interrupted, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = copy_project(interrupted.project, tmp_path / "p")
+    [stale] = _workdirs(project)
+    # A shorter run keeps the test short; test_run_key shows lr alone changes the key.
+    write_params(project, {"finetune": {"epochs": 1, "lr": 0.003}})
+    paths = project_paths(project)
+    summary = finetune.run(load_params(paths.params), paths, "scratch")
+    assert "finetune@scratch: resumed" not in capsys.readouterr().out
+    assert summary["resumed"] is False and summary["run_key"] != stale.name[len("scratch-") :]
+    assert summary["epochs"] == 1
+    assert _workdirs(project) == []  # the stale folder too
+
+
+def test_run_key__follows_params_encoder_and_data(project: Path) -> None:
+    paths = project_paths(project)
+    params = load_params(paths.params)
+    key = finetune.run_key(params, paths, "scratch")
+    assert finetune.run_key(params, paths, "scratch") == key  # nothing changed
+    write_params(project, {"finetune": {"lr": 0.003}})
+    assert finetune.run_key(load_params(paths.params), paths, "scratch") != key
+    write_params(project, {"finetune": {"trainer": {"num_workers": 1}}})
+    assert finetune.run_key(load_params(paths.params), paths, "scratch") != key
+    write_params(project)
+    assert finetune.run_key(load_params(paths.params), paths, "scratch") == key
+    encoder = paths.encoder_file("scratch")
+    state = torch.load(encoder, weights_only=True)
+    state["fc.bias"] = state["fc.bias"] + 1.0
+    torch.save(state, encoder)
+    changed_encoder = finetune.run_key(params, paths, "scratch")
+    assert changed_encoder != key
+    index = paths.packed_split("validation") / "index.json"
+    index.write_text(index.read_text() + "\n")
+    assert finetune.run_key(params, paths, "scratch") not in (key, changed_encoder)
+
+
+def _checkpoint(folder: Path) -> Path:
+    """A placeholder where a checkpoint would be (prepare_workdir only looks for the file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "last.ckpt").write_bytes(b"checkpoint")
+    return folder / "last.ckpt"
+
+
+def test_prepare_workdir__resumes_a_complete_point_only_and_drops_other_keys(
+    tmp_path: Path,
+) -> None:
+    paths = project_paths(tmp_path)
+    key = "0123456789ab"
+    keep = [paths.finetune_workdir(n, key) for n in ("conservative", "scratch-2")]
+    stale = paths.finetune_workdir("scratch", "ba9876543210")
+    for folder in (*keep, stale):
+        _checkpoint(folder / "resume")
+    workdir = paths.finetune_workdir("scratch", key)
+    # Killed in its first epoch, while staging its first resume point: curves, a best
+    # checkpoint and a hidden staging folder, but no complete resume point.
+    (workdir / "live").mkdir(parents=True)
+    (workdir / "checkpoints").mkdir()
+    (workdir / "checkpoints" / "best.ckpt").write_bytes(b"checkpoint")
+    _checkpoint(workdir / ".resume.tmp-k1ll3d_0")
+    assert finetune.prepare_workdir(paths, "scratch", key) == (workdir, False)
+    assert workdir.is_dir() and list(workdir.iterdir()) == []  # starts clean
+    assert not stale.exists() and all(k.is_dir() for k in keep)
+    # A complete resume point under the same key is resumed, and kept as it is.
+    last = _checkpoint(workdir / "resume")
+    assert finetune.prepare_workdir(paths, "scratch", key) == (workdir, True)
+    assert last.read_bytes() == b"checkpoint"
+
+
+def test_best_checkpoint__keeps_the_best_score_when_the_project_moved(tmp_path: Path) -> None:
+    """Lightning drops the best score when a checkpoint names another folder; a resumed run
+    in a moved project would then keep the best of its own epochs only."""
+    before = ModelCheckpoint(dirpath=tmp_path / "old" / "checkpoints", monitor="val/abs_rel")
+    best = str(Path(str(before.dirpath)) / "best.ckpt")
+    before.best_model_path = before.kth_best_model_path = best
+    before.best_model_score = before.kth_value = torch.tensor(0.25)
+    before.best_k_models = {best: torch.tensor(0.25)}
+    state = before.state_dict()
+    moved = tmp_path / "new" / "checkpoints"
+    plain = ModelCheckpoint(dirpath=moved, monitor="val/abs_rel")
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        plain.load_state_dict(state)
+    assert plain.best_model_score is None  # what BestCheckpoint is for
+    after = finetune.BestCheckpoint(dirpath=moved, monitor="val/abs_rel")
+    after.load_state_dict(state)
+    assert after.best_model_score == pytest.approx(0.25)
+    assert after.best_model_path == after.kth_best_model_path == str(moved / "best.ckpt")
+    assert list(after.best_k_models) == [str(moved / "best.ckpt")]
+
+
+def test_checkpoint_epoch__damaged_resume_point_names_the_folder_to_delete(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "scratch-0123456789ab" / "resume" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"PK\x03\x04 cut short by a full disk")
+    damaged = r"unreadable resume checkpoint.*delete .*scratch-0123"
+    with pytest.raises(DepthpipeError, match=damaged):
+        finetune.checkpoint_epoch(checkpoint)

@@ -137,6 +137,7 @@ def test_pretrain__killed_run_resumes_and_params_change_starts_clean(project: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     stats = json.loads((paths.encoder_dir("conservative") / "pretrain.json").read_text())
     assert stats["resumed"] is True and stats["resumed_at_epoch"] == killed_at
+    assert f"pretrain@conservative: resumed from epoch {killed_at} of 12" in result.stdout
     assert stats["run_key"] == workdir.name.split("-", 1)[1]
     losses = (paths.pretrain_live("conservative") / "plots/metrics/train/loss.tsv").read_text()
     steps = [int(line.split("\t")[0]) for line in losses.splitlines()[1:]]

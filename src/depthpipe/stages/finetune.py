@@ -3,26 +3,44 @@
 ``name`` is ``scratch`` (randomly initialised encoder) or a pretraining preset; the encoder is
 read from models/pretrain/<name>/encoder.pt with strict loading either way. Outputs:
 models/finetune/<name>/ (model.pt: plain weights of the best epoch by validation abs_rel;
-model.json: how to rebuild it; best.ckpt: the Lightning checkpoint) and the DVCLive folder
-dvclive/finetune/<name>/.
+model.json: how to rebuild it; best.ckpt: the Lightning checkpoint; finetune.json: the run's
+summary) and the DVCLive folder dvclive/finetune/<name>/.
+
+Training works in a folder outside the outputs, .depthpipe/finetune/<name>-<key>, keyed by a hash
+of everything the run depends on (params, encoder, packed splits, code, library versions). At the
+start of every epoch after the first it keeps a resume point there: a Lightning checkpoint with
+the random states, the curves so far and the best checkpoint so far. A run killed part-way
+(SIGKILL, a lost node) continues from that point when the stage runs again with the same key;
+other keys start clean. Only at the end are the outputs exported, and the folder is removed.
+DVC's run cache stays on because nothing is ``persist: true``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import random
+import re
+import shutil
 import time
+import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from depthpipe.atomic import staged_outputs
+import depthpipe
+from depthpipe.atomic import atomic_dir, atomic_file, atomic_outputs
 from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import Params
-from depthpipe.data.packed import Batch, PackedDepthDataset
+from depthpipe.data.packed import INDEX_FILE, Batch, PackedDepthDataset
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
@@ -40,6 +58,11 @@ from depthpipe.prior import packed_prior, prior_depth
 from depthpipe.transforms import DepthAugment
 
 MONITOR = "val/abs_rel"
+# Inside the working folder (ProjectPaths.finetune_workdir):
+WORK_CHECKPOINTS = "checkpoints"  # the best checkpoint so far (BEST_CHECKPOINT)
+WORK_LIVE = "live"  # DVCLive's folder while training, copied into the output at the end
+RESUME = "resume"  # the resume point: replaced as a whole at the start of every epoch
+RESUME_CHECKPOINT = "last.ckpt"  # inside RESUME, written last: a complete point has it
 
 
 class DataWaitMonitor(Callback):
@@ -170,25 +193,265 @@ def build_module(params: Params, paths: ProjectPaths, name: str) -> tuple[DepthM
     return module, spec
 
 
-def dvclive_logger(live_dir: Path) -> Any:
+# -- the working folder and its key ---------------------------------------------------------------
+
+
+def run_settings(params: Params) -> dict[str, Any]:
+    """Every param this stage reads (dvc.yaml lists the same keys for finetune)."""
+    return {
+        "seed": params.seed,
+        "model.arch": params.model.arch,
+        "depth": params.depth.model_dump(mode="json"),
+        "preprocess.height": params.preprocess.height,
+        "preprocess.width": params.preprocess.width,
+        "finetune": params.finetune.model_dump(mode="json"),
+    }
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_identity(folder: Path) -> str:
+    """A packed split's index (which samples, in which order) and the sizes of its files:
+    cheap even at full scale, and any re-packing changes one of them."""
+    sizes = [f"{f.name}:{f.stat().st_size}" for f in sorted(folder.iterdir()) if f.is_file()]
+    return file_digest(folder / INDEX_FILE) + "|" + ",".join(sizes)
+
+
+def code_digest() -> str:
+    """The depthpipe sources: a checkpoint made by other code is no state to continue from
+    (DVC re-runs the stage when its code changed, and the result must be the new code's)."""
+    package = Path(depthpipe.__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(f"{source.relative_to(package)}\n".encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+# Libraries whose version decides whether a checkpoint loads and continues the same training.
+CHECKPOINT_LIBRARIES = ("torch", "lightning", "fastai", "dvclive")
+
+
+def run_key(params: Params, paths: ProjectPaths, name: str) -> str:
+    """Hash of the params, the encoder's content, the train and validation splits, the code and
+    the versions of CHECKPOINT_LIBRARIES (an upgrade between the kill and the re-run starts
+    clean instead of failing to load the checkpoint)."""
+    digest = hashlib.sha256(json.dumps(run_settings(params), sort_keys=True).encode())
+    digest.update(file_digest(paths.encoder_file(name)).encode())
+    for split in (TRAIN_SPLIT, VALIDATION_SPLIT):
+        digest.update(split_identity(paths.packed_split(split)).encode())
+    digest.update(code_digest().encode())
+    digest.update(" ".join(metadata.version(lib) for lib in CHECKPOINT_LIBRARIES).encode())
+    return digest.hexdigest()[:12]
+
+
+def resume_checkpoint(workdir: Path) -> Path:
+    return workdir / RESUME / RESUME_CHECKPOINT
+
+
+def prepare_workdir(paths: ProjectPaths, name: str, key: str) -> tuple[Path, bool]:
+    """Return the working folder and whether to resume in it.
+
+    Folders of this name under other keys are stale (other params, data or code): removed. A
+    folder without a complete resume point was killed during its first epoch: started clean.
+    """
+    workdir = paths.finetune_workdir(name, key)
+    same_name = re.compile(rf"{re.escape(name)}-[0-9a-f]{{{len(key)}}}")
+    if workdir.parent.is_dir():
+        for other in workdir.parent.iterdir():
+            if other != workdir and same_name.fullmatch(other.name):
+                shutil.rmtree(other, ignore_errors=True)
+    if resume_checkpoint(workdir).is_file():
+        return workdir, True
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    return workdir, False
+
+
+def checkpoint_epoch(checkpoint: Path) -> int:
+    """The epochs a Lightning checkpoint has completed, i.e. the 0-based epoch it resumes at
+    (ResumePoint saves at an epoch's start, where ``epoch`` counts the finished ones)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["epoch"])
+    except Exception as error:  # a damaged file: torch raises several kinds
+        raise DepthpipeError(
+            f"{checkpoint}: unreadable resume checkpoint ({error}); delete "
+            f"{checkpoint.parent.parent} to start this fine-tuning from the beginning"
+        ) from error
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (free, whatever the checkpoint's size), or a copy where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def restore_resume_point(workdir: Path) -> None:
+    """Put the curves and the best checkpoint back as they were at the resume point: what the
+    killed run did after it is done again, so nothing is logged twice or chosen from a lost
+    epoch."""
+    resume = workdir / RESUME
+    for folder in (WORK_LIVE, WORK_CHECKPOINTS):
+        shutil.rmtree(workdir / folder, ignore_errors=True)
+    if (resume / WORK_LIVE).is_dir():
+        shutil.copytree(resume / WORK_LIVE, workdir / WORK_LIVE)
+    (workdir / WORK_CHECKPOINTS).mkdir()
+    if (resume / BEST_CHECKPOINT).is_file():
+        link_or_copy(resume / BEST_CHECKPOINT, workdir / WORK_CHECKPOINTS / BEST_CHECKPOINT)
+
+
+# -- resuming inside Lightning --------------------------------------------------------------------
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states: torch's draws the data order and the augmentation; numpy's
+    and Python's are kept for any library that draws from them."""
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumePoint(Callback):
+    """Keeps the resume point (workdir/resume) at the start of every epoch after the first.
+
+    At the start of an epoch rather than at the end (as ``ModelCheckpoint(save_last=True)``
+    would): the epoch's training metrics reach the logger only after every ``on_train_epoch_end``
+    hook, so a run killed between that checkpoint and that logging would resume with a hole in
+    its curves. The global random states go into the checkpoint and are put back on loading:
+    nothing draws from them between loading and the resumed epoch's first batch, so data order
+    and augmentation continue as if the run had never stopped (with ``num_workers: 0``; loader
+    workers are seeded anew when they start).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.resuming = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_rng_states(state_dict["rng"])
+        self.resuming = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.resuming:
+            # The point the checkpoint was saved at: this epoch runs as in an uninterrupted run.
+            # Left "restarting", Lightning (2.6) would take the saved batch counters (the previous
+            # epoch's end) for this epoch's and skip its batches, or skip one step in the logged
+            # steps once those are reset.
+            epoch_loop = trainer.fit_loop.epoch_loop
+            epoch_loop.restarting = False  # also the validation loop inside it
+            epoch_loop.reset_restart_stage()
+            epoch_loop.val_loop.reset_restart_stage()
+            self.resuming = False
+        elif trainer.current_epoch > 0:
+            self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            # Every process takes part in a save; only global zero writes the file.
+            trainer.save_checkpoint(resume_checkpoint(self.workdir))
+            return
+        with atomic_dir(self.workdir / RESUME) as staged:
+            if (self.workdir / WORK_LIVE).is_dir():
+                shutil.copytree(self.workdir / WORK_LIVE, staged / WORK_LIVE)
+            best = self.workdir / WORK_CHECKPOINTS / BEST_CHECKPOINT
+            if best.is_file():
+                link_or_copy(best, staged / BEST_CHECKPOINT)
+            trainer.save_checkpoint(staged / RESUME_CHECKPOINT)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose restored state follows the working folder when the project sits
+    at another path on the re-run (moved, or mounted elsewhere on another node). Lightning
+    stores absolute paths and, finding another folder, would drop the best score so far: the
+    resumed run would then keep the best of its own epochs only."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, now = state_dict.get("dirpath"), self.dirpath
+        if saved and now and saved != now:
+            state_dict = rebased_paths(state_dict, Path(saved), Path(now))
+        super().load_state_dict(state_dict)
+
+
+def rebased_paths(state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:
+    """ModelCheckpoint's state with the paths under ``old`` moved under ``new``."""
+
+    def move(path: str) -> str:
+        return str(new / Path(path).relative_to(old)) if Path(path).is_relative_to(old) else path
+
+    moved = dict(state, dirpath=str(new))
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if state.get(key):
+            moved[key] = move(state[key])
+    moved["best_k_models"] = {move(p): v for p, v in state.get("best_k_models", {}).items()}
+    return moved
+
+
+class SameFolderCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint beside its final path, then renames it into place.
+
+    Lightning's own writer stages the file in the system temp folder and moves it, which is a
+    copy over the old file (not atomic) when that folder is another filesystem, e.g. a tmpfs
+    /tmp. A rename is atomic, and it makes every save a new file: the hard link a resume point
+    keeps to the best checkpoint still holds that checkpoint after a better one replaces it.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_file(Path(path), sweep=True) as staged:
+            torch.save(checkpoint, staged)
+
+
+# -- training and export ---------------------------------------------------------------------------
+
+
+def dvclive_logger(live_dir: Path, resume: bool) -> Any:
     """DVCLive's Lightning logger without its params.yaml copy of the hyper-parameters: they are
-    params.yaml's own keys, which DVC already records per experiment."""
+    params.yaml's own keys, which DVC already records per experiment. ``resume``: append to the
+    curves restored from the resume point instead of emptying the folder."""
     from dvclive.lightning import DVCLiveLogger
 
     class CurvesOnly(DVCLiveLogger):
         def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
             pass
 
-    return CurvesOnly(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    return CurvesOnly(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=resume)
 
 
 def make_trainer(
-    params: Params, live_dir: Path, model_dir: Path, prior: dict[str, float]
+    params: Params, workdir: Path, prior: dict[str, float], resume: bool
 ) -> pl.Trainer:
     hardware = trainer_kwargs(params.finetune.trainer)
     on_cpu = hardware["accelerator"] == "cpu" or not torch.cuda.is_available()
-    checkpoint = ModelCheckpoint(
-        dirpath=model_dir,
+    checkpoint = BestCheckpoint(
+        dirpath=workdir / WORK_CHECKPOINTS,
         filename=BEST_CHECKPOINT.removesuffix(ModelCheckpoint.FILE_EXTENSION),
         monitor=MONITOR,
         mode="min",
@@ -198,8 +461,9 @@ def make_trainer(
     )
     return pl.Trainer(
         max_epochs=params.finetune.epochs,
-        logger=dvclive_logger(live_dir),
-        callbacks=[checkpoint, DataWaitMonitor(), PriorReference(prior)],
+        logger=dvclive_logger(workdir / WORK_LIVE, resume),
+        callbacks=[checkpoint, ResumePoint(workdir), DataWaitMonitor(), PriorReference(prior)],
+        plugins=[SameFolderCheckpointIO()],
         # Bit-exact re-runs on CPU (DVC's run cache assumes a stage is a function of its
         # inputs); some CUDA kernels have no deterministic version, so only warn there.
         deterministic=True if on_cpu else "warn",
@@ -209,11 +473,49 @@ def make_trainer(
     )
 
 
+def fit(
+    trainer: pl.Trainer, module: DepthModule, loaders: tuple[Any, Any], workdir: Path, resume: bool
+) -> None:
+    with warnings.catch_warnings():
+        # A resumed run finds its best checkpoint there on purpose (restore_resume_point).
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
+        trainer.fit(
+            module,
+            *loaders,
+            ckpt_path=resume_checkpoint(workdir) if resume else None,
+            weights_only=False,  # our own file: it holds the random states, not only tensors
+        )
+
+
 def export_best(checkpoint: Path, module: DepthModule, spec: ModelSpec, model_dir: Path) -> None:
     """Plain weights of the best epoch (what evaluate and predict load) + model.json."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
     save_finetuned(module.net, spec, model_dir)
+
+
+def best_checkpoint(trainer: pl.Trainer, name: str) -> tuple[Path, float]:
+    checkpoint = trainer.checkpoint_callback
+    assert isinstance(checkpoint, ModelCheckpoint)  # make_trainer installs exactly one
+    if checkpoint.best_model_score is None or not Path(checkpoint.best_model_path).is_file():
+        raise DepthpipeError(f"finetune@{name}: no checkpoint was saved (no validation score)")
+    return Path(checkpoint.best_model_path), float(checkpoint.best_model_score)
+
+
+def export(
+    paths: ProjectPaths,
+    name: str,
+    workdir: Path,
+    best: Path,
+    model: tuple[DepthModule, ModelSpec],
+    summary: dict[str, Any],
+) -> None:
+    outs = (paths.finetune_dir(name), paths.finetune_live(name))
+    with atomic_outputs(*outs) as (model_dir, live_dir):
+        export_best(best, *model, model_dir)
+        link_or_copy(best, model_dir / BEST_CHECKPOINT)
+        shutil.copytree(workdir / WORK_LIVE, live_dir, dirs_exist_ok=True)
+        (model_dir / FINETUNE_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
@@ -222,28 +524,41 @@ def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
     train_set, val_set = datasets(params, paths)
     train_loader, val_loader = loaders(params, train_set, val_set)
     module, spec = build_module(params, paths, name)
+    key = run_key(params, paths, name)
     leader = is_global_zero()
-    outs = (paths.finetune_dir(name), paths.finetune_live(name))
-    with staged_outputs(*outs, publish=leader) as (model_dir, live_dir):
-        prior = prior_scores(params, paths)
-        trainer = make_trainer(params, live_dir, model_dir, prior)
-        trainer.fit(module, train_loader, val_loader)
-        if not trainer.is_global_zero:
-            return {}
-        checkpoint = trainer.checkpoint_callback
-        assert isinstance(checkpoint, ModelCheckpoint)  # make_trainer installs exactly one
-        if checkpoint.best_model_score is None or not Path(checkpoint.best_model_path).is_file():
-            raise DepthpipeError(f"finetune@{name}: no checkpoint was saved (no validation score)")
-        export_best(Path(checkpoint.best_model_path), module, spec, model_dir)
-        summary = {
-            "name": name,
-            "best_val_abs_rel": float(checkpoint.best_model_score),
-            "prior_val_abs_rel": prior["abs_rel"],
-            "epochs": params.finetune.epochs,
-            "train_samples": len(train_set),
-            "validation_samples": len(val_set),
-        }
-        (model_dir / FINETUNE_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if leader:
+        workdir, resume = prepare_workdir(paths, name, key)
+    else:
+        # A DDP worker decides as the leader did (it only reads): every process must resume
+        # from the same checkpoint, or their weights and epoch counters would disagree.
+        workdir = paths.finetune_workdir(name, key)
+        resume = resume_checkpoint(workdir).is_file()
+    start_epoch = checkpoint_epoch(resume_checkpoint(workdir)) if resume else 0
+    epochs = params.finetune.epochs
+    if leader and resume:
+        restore_resume_point(workdir)
+        print(
+            f"finetune@{name}: resumed from epoch {start_epoch} of {epochs} ({workdir})", flush=True
+        )
+    prior = prior_scores(params, paths)
+    trainer = make_trainer(params, workdir, prior, resume)
+    fit(trainer, module, (train_loader, val_loader), workdir, resume)
+    if not leader:
+        return {}
+    best, best_score = best_checkpoint(trainer, name)
+    summary = {
+        "name": name,
+        "best_val_abs_rel": best_score,
+        "prior_val_abs_rel": prior["abs_rel"],
+        "epochs": trainer.current_epoch,
+        "train_samples": len(train_set),
+        "validation_samples": len(val_set),
+        "run_key": key,
+        "resumed": resume,
+        "resumed_at_epoch": start_epoch,
+    }
+    export(paths, name, workdir, best, (module, spec), summary)
+    shutil.rmtree(workdir)  # exported, and DVC caches the outputs: the checkpoints are not needed
     return summary
 
 

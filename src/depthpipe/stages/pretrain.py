@@ -188,6 +188,12 @@ def run(params: Params, paths: ProjectPaths, preset: str) -> dict[str, Any]:
         resume = (workdir / LIGHTLY_LAST_CHECKPOINT).is_file()
     seconds = 0.0
     start_epoch = checkpoint_epoch(workdir / LIGHTLY_LAST_CHECKPOINT) if resume else 0
+    if leader and resume:
+        print(
+            f"pretrain@{preset}: resumed from epoch {start_epoch} of {params.pretrain.epochs}"
+            f" ({workdir})",
+            flush=True,
+        )
     if not (workdir / DONE_MARKER).is_file():
         seconds = pretrain(arguments, paths.processed_megadepth, workdir, resume)
     stats = {
