@@ -72,3 +72,13 @@ def scored_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_untrained_model(paths.finetune_dir("scratch"), spec, seed=1)
     save_untrained_model(paths.finetune_dir(params.aug), spec, seed=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def reproduced_pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny project after `dvc repro`, committed: (root, the repro's output). Built once per
+    session for tests/test_dvc_e2e.py and tests/test_kill.py (minutes of CPU); nobody changes
+    it: tests work in a tests.e2e.copy_reproduced of it."""
+    from tests.e2e import reproduce_pristine
+
+    return reproduce_pristine(tmp_path_factory.mktemp("pristine") / "project")

@@ -1,16 +1,17 @@
 """End to end with the real DVC CLI in temporary git repositories, on the tiny profile.
 
-One pipeline is reproduced once per module (fixture) and then: re-run (nothing to do), shared
-through a real S3-compatible server (SeaweedFS on loopback) into a fresh clone, and used for an
-experiment with another encoder. The tests run in file order; the last one changes the workspace.
+The session's reproduced project (fixture ``reproduced_pristine``, tests/e2e.py) is copied once
+for this module (fixture ``reproduced``) and then: re-run (nothing to do), shared through a real
+S3-compatible server (SeaweedFS on loopback) into a fresh clone, and used for experiments. The
+tests run in file order and change the copy; the last one checks that the shared project, which
+tests/test_kill.py also copies, did not change with it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +20,13 @@ import pytest
 import yaml
 
 from depthpipe.paths import stage_io
-from tests.helpers import REPO, committed_params, write_params
+from tests.e2e import REPRO_PROFILE, WATCHER, cli_env, copy_reproduced, dvc, ran, sh
+from tests.helpers import committed_params, write_params
 from tests.servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server
 from tests.test_dvc_yaml import top_level_files
 
 pytestmark = pytest.mark.slow
 
-# always_changed (dvc.yaml): it runs on every repro, in milliseconds, and fetch re-runs only
-# when the file it writes changes.
-WATCHER = "fingerprint"
 ALL_STAGES = (
     WATCHER,
     "fetch",
@@ -41,72 +40,52 @@ ALL_STAGES = (
 )
 pytest_plugins = ("tests.servers",)
 
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The stages' `python` must be this interpreter (the project's virtual environment).
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        {
-            "DVC_NO_ANALYTICS": "1",
-            "GIT_AUTHOR_NAME": "test",
-            "GIT_AUTHOR_EMAIL": "test@example.com",
-            "GIT_COMMITTER_NAME": "test",
-            "GIT_COMMITTER_EMAIL": "test@example.com",
-        }
-    )
-    return env
+# (inode, size, mode, mtime) of a file: what a write, a chmod or a replacement changes
+FileState = tuple[int, int, int, int]
 
 
-def sh(*args: str, cwd: Path, check: bool = True) -> str:
-    """Run a command, return stdout+stderr; fail the test with the output on error."""
-    result = subprocess.run(
-        args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800, check=False
-    )
-    output = result.stdout + result.stderr
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{output[-4000:]}")
-    return output
-
-
-def dvc(*args: str, cwd: Path) -> str:
-    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def _project_files() -> list[str]:
-    """What a clone of this project holds (plus files not committed yet, during development)."""
-    listing = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=REPO)
-    return [f for f in listing.splitlines() if f and (REPO / f).is_file() and f != "dvc.lock"]
-
-
-def make_repo(root: Path) -> Path:
-    for name in _project_files():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
-    write_params(root)
-    sh("git", "init", "-q", "-b", "main", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-q", "-m", "tiny project", cwd=root)
-    return root
+def file_states(root: Path) -> dict[str, FileState]:
+    """Every file of a project, git's and DVC's cache included, but not DVC's scratch folder
+    (.dvc/tmp). Without the mtime of git's objects: git "freshens" an object it was about to
+    write again (sets its mtime to now so that gc keeps it), a harmless change to a shared
+    inode."""
+    states: dict[str, FileState] = {}
+    for folder, dirs, files in os.walk(root):
+        if Path(folder) == root / ".dvc" and "tmp" in dirs:
+            dirs.remove("tmp")
+        for name in files:
+            path = Path(folder, name)
+            key = path.relative_to(root).as_posix()
+            info = os.lstat(path)
+            mtime = 0 if key.startswith(".git/objects/") else info.st_mtime_ns
+            states[key] = (info.st_ino, info.st_size, info.st_mode, mtime)
+    return states
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    root = make_repo(tmp_path_factory.mktemp("e2e") / "project")
-    output = dvc("repro", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-q", "-m", "reproduced", cwd=root)
-    return root, output
+def pristine_files(reproduced_pristine: tuple[Path, str]) -> dict[str, FileState]:
+    """The shared project's files before this module works in its copy."""
+    return file_states(reproduced_pristine[0])
+
+
+@pytest.fixture(scope="module")
+def reproduced(
+    reproduced_pristine: tuple[Path, str],
+    pristine_files: dict[str, FileState],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, str]:
+    """This module's own copy of the shared reproduced project, and the output of its repro
+    (``pristine_files`` recorded first: the shared project before this module works)."""
+    pristine, output = reproduced_pristine
+    return copy_reproduced(pristine, tmp_path_factory.mktemp("e2e") / "project"), output
 
 
 def test_repro__runs_every_stage_then_nothing(reproduced: tuple[Path, str]) -> None:
     root, first = reproduced
     assert ran(first) == set(ALL_STAGES)
+    # The copy is a repository of its own, a clean checkout of the reproduced commit.
+    assert sh("git", "status", "--porcelain", cwd=root) == ""
+    assert json.loads(dvc("status", "--json", cwd=root)) == {WATCHER: ["always changed"]}
     again = dvc("repro", cwd=root)
     assert ran(again) == {WATCHER} and "Stage 'fetch' didn't change, skipping" in again
     stage_list = dvc("stage", "list", cwd=root)
@@ -305,7 +284,7 @@ def test_share__s3_push_then_teammate_pulls_encoder_and_reproduces(
     assert dvc("status", cwd=clone).split() == [f"{WATCHER}:", "always", "changed"]
     # The teammate changes a fine-tuning knob: fine-tuning re-runs, pretraining does not.
     other_lr = committed_params()["finetune"]["lr"] / 2  # any value but the committed one
-    write_params(clone, {"finetune": {"lr": other_lr}})
+    write_params(clone, REPRO_PROFILE, {"finetune": {"lr": other_lr}})
     output = dvc("repro", "--pull", cwd=clone)
     assert ran(output) == {WATCHER, "finetune@scratch", "finetune@conservative", "evaluate"}, (
         output[-3000:]
@@ -381,7 +360,7 @@ def test_study__reads_real_experiments(reproduced: tuple[Path, str], tmp_path: P
     study = subprocess.run(
         [sys.executable, "-m", "depthpipe.study", "--out", str(out)],
         cwd=root,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         check=False,
@@ -397,9 +376,38 @@ def test_study__reads_real_experiments(reproduced: tuple[Path, str], tmp_path: P
     missing = subprocess.run(
         [sys.executable, "-m", "depthpipe.study", "--by", "finetune.lrr"],
         cwd=root,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         check=False,
     )
     assert missing.returncode == 2 and "--by finetune.lrr: no such param" in missing.stderr
+
+
+def test_copy__work_in_it_left_the_shared_project_untouched(
+    reproduced: tuple[Path, str],
+    reproduced_pristine: tuple[Path, str],
+    pristine_files: dict[str, FileState],
+) -> None:
+    """The tests above committed, pushed and ran experiments in this module's copy of the
+    session's reproduced project (read-only files shared by hard links); the shared project,
+    which tests/test_kill.py copies too, is as it was: same files (same inodes, sizes, modes,
+    times), DVC's cache still read-only, a clean git and DVC status, no experiment."""
+    root, _ = reproduced
+    pristine, _ = reproduced_pristine
+    # The module's earlier tests did change the copy (else nothing below was tested).
+    pristine_head = sh("git", "rev-parse", "HEAD", cwd=pristine).strip()
+    assert sh("git", "rev-parse", "HEAD", cwd=root).strip() != pristine_head
+    sh("git", "merge-base", "--is-ancestor", pristine_head, "HEAD", cwd=root)
+    assert sh("git", "for-each-ref", "refs/exps", cwd=root).strip()
+
+    now = file_states(pristine)
+    changed = sorted(
+        path for path in now.keys() | pristine_files if now.get(path) != pristine_files.get(path)
+    )
+    assert changed == [], f"changed in the shared project: {changed[:20]}"
+    cached = [path for path in now if path.startswith(".dvc/cache/files/")]
+    assert cached and not any(now[path][2] & stat.S_IWUSR for path in cached)
+    assert sh("git", "status", "--porcelain", cwd=pristine) == ""
+    assert sh("git", "for-each-ref", "refs/exps", cwd=pristine) == ""
+    assert json.loads(dvc("status", "--json", cwd=pristine)) == {WATCHER: ["always changed"]}

@@ -771,7 +771,7 @@ def test_dvc_repro__official_then_local_give_the_synthetic_data_and_watch_the_fo
     synthetic source's data and packed splits; local with the same files re-runs fetch only
     (preprocess's inputs are unchanged); a changed local folder shows up in `dvc status` after
     the fingerprint stage and re-runs fetch."""
-    from tests.test_dvc_e2e import dvc, make_repo, ran
+    from tests.e2e import dvc, make_repo, ran
 
     root = make_repo(tmp_path / "project")
     paths = project_paths(root)
