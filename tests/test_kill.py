@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,10 +66,14 @@ def reference(reproduced_pristine: tuple[Path, str]) -> Path:
 
 
 @pytest.fixture
-def workspace(reference: Path, tmp_path: Path) -> Path:
+def workspace(reference: Path, tmp_path: Path) -> Iterator[Path]:
     """A cheap copy of the reference project (tests.e2e.copy_reproduced): DVC's cache and
-    outputs shared by hard links, without DVC's locks and state (.dvc/tmp)."""
-    return copy_reproduced(reference, tmp_path / "project")
+    outputs shared by hard links, without DVC's locks and state (.dvc/tmp). Removed after the
+    test: each re-run writes about 1 GB of new outputs, and pytest keeps its temporary folders
+    until three sessions later."""
+    root = copy_reproduced(reference, tmp_path / "project")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _params(root: Path) -> dict[str, Any]:
