@@ -69,10 +69,10 @@ from depthpipe.cli import configure_environment  # noqa: E402
 from depthpipe.config import Params, load_params  # noqa: E402
 from depthpipe.data.packed import Batch  # noqa: E402
 from depthpipe.losses import depth_loss  # noqa: E402
-from depthpipe.model import DepthModule, make_optimizer  # noqa: E402
 from depthpipe.paths import LIGHTLY_LOG, SCRATCH, ProjectPaths, project_paths  # noqa: E402
 from depthpipe.stages import fetch, finetune, init_scratch, preprocess  # noqa: E402
 from depthpipe.stages.pretrain import lightly_arguments  # noqa: E402
+from depthpipe.training import DepthModule, make_optimizer  # noqa: E402
 from tests.helpers import committed_params, deep_merge  # noqa: E402
 
 LOADER_BATCHES = 12  # batches the loader-alone measurement draws

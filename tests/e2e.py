@@ -19,6 +19,11 @@ from typing import Any
 
 from tests.helpers import REPO, write_params
 
+# The xdist group (pytest-xdist, --dist loadgroup) of every test that uses the session's
+# reproduced project: one worker runs them all, after one `dvc repro`, and starts them first
+# (tests/conftest.py), being the longest chain of the run.
+E2E_GROUP = "e2e"
+
 # always_changed (dvc.yaml): it runs on every repro, in milliseconds, and fetch re-runs only
 # when the file it writes changes.
 WATCHER = "fingerprint"

@@ -127,3 +127,26 @@ def save_untrained_model(folder: Path, spec: ModelSpec, seed: int) -> None:
     """A real network folder (model.pt + model.json) as finetune writes it, without training."""
     torch.manual_seed(seed)
     save_finetuned(DepthNet(build_unet(build_resnet(spec.arch), spec)), spec, folder)
+
+
+def top_level_files(entries: list[Any]) -> list[str]:
+    """Paths named by dvc.yaml's top-level ``plots:``/``metrics:`` (after DVC's interpolation).
+
+    A plot is a path, ``{path: {x: ..., y: ...}}`` or ``{id: {x: {file: field}, y: {file:
+    field}}}``; in the last form the files are the keys of ``x``/``y`` and the id is no path.
+    """
+    files: list[str] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            files.append(entry)
+            continue
+        for key, config in entry.items():
+            config = config or {}
+            named = [
+                file
+                for axis in ("x", "y")
+                if isinstance(config.get(axis), dict)
+                for file in config[axis]
+            ]
+            files.extend(named or [key])
+    return files

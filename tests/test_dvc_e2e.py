@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from depthpipe.paths import stage_io
-from tests.e2e import REPRO_PROFILE, WATCHER, cli_env, copy_reproduced, dvc, ran, sh
-from tests.helpers import committed_params, write_params
+from tests.e2e import E2E_GROUP, REPRO_PROFILE, WATCHER, cli_env, copy_reproduced, dvc, ran, sh
+from tests.helpers import committed_params, top_level_files, write_params
 from tests.servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server
-from tests.test_dvc_yaml import top_level_files
 
-pytestmark = pytest.mark.slow
+# one xdist worker for the whole chain: they share the session's reproduced project (conftest)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(E2E_GROUP)]
 
 ALL_STAGES = (
     WATCHER,

@@ -23,7 +23,7 @@ import yaml
 
 from depthpipe.paths import PACKED_SPLITS, SCRATCH, STAGES, ProjectPaths, StageIO, stage_io
 from depthpipe.register import ARTIFACT_NAME, depth_artifact, encoder_artifact
-from tests.helpers import REPO, committed_params, deep_merge, write_params
+from tests.helpers import REPO, committed_params, deep_merge, top_level_files, write_params
 
 STAGE_MODULES = {
     "fingerprint": "depthpipe.stages.fingerprint",
@@ -95,29 +95,6 @@ class Pipeline:
     stages: tuple[DeclaredStage, ...]
     top_level: tuple[str, ...]  # files and folders the top-level plots: and metrics: name
     params: dict[str, Any]
-
-
-def top_level_files(entries: list[Any]) -> list[str]:
-    """Paths named by dvc.yaml's top-level ``plots:``/``metrics:`` (after DVC's interpolation).
-
-    A plot is a path, ``{path: {x: ..., y: ...}}`` or ``{id: {x: {file: field}, y: {file:
-    field}}}``; in the last form the files are the keys of ``x``/``y`` and the id is no path.
-    """
-    files: list[str] = []
-    for entry in entries:
-        if isinstance(entry, str):
-            files.append(entry)
-            continue
-        for key, config in entry.items():
-            config = config or {}
-            named = [
-                file
-                for axis in ("x", "y")
-                if isinstance(config.get(axis), dict)
-                for file in config[axis]
-            ]
-            files.extend(named or [key])
-    return files
 
 
 def load_pipeline(dvc_yaml: Path, workdir: Path) -> Pipeline:

@@ -39,10 +39,11 @@ import yaml
 
 from depthpipe.paths import LIGHTLY_LAST_CHECKPOINT, MODEL_WEIGHTS, SCRATCH, stage_io
 from depthpipe.stages import finetune
-from tests.e2e import REPRO_PROFILE, WATCHER, cli_env, copy_reproduced, dvc, ran
+from tests.e2e import E2E_GROUP, REPRO_PROFILE, WATCHER, cli_env, copy_reproduced, dvc, ran
 from tests.helpers import write_params
 
-pytestmark = pytest.mark.slow
+# one xdist worker for the whole chain: they share the session's reproduced project (conftest)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(E2E_GROUP)]
 
 T = TypeVar("T")
 

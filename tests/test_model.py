@@ -19,7 +19,6 @@ from depthpipe.config import parse_params
 from depthpipe.encoders import build_resnet
 from depthpipe.hardware import ForwardMode, forward_mode
 from depthpipe.model import (
-    DepthModule,
     DepthNet,
     ModelSpec,
     build_unet,
@@ -27,6 +26,7 @@ from depthpipe.model import (
     predict_depth,
     save_finetuned,
 )
+from depthpipe.training import DepthModule
 from tests.helpers import committed_params
 
 SPEC = ModelSpec(arch="resnet18", height=32, width=48, min_depth=0.6, max_depth=350.0)
@@ -209,7 +209,7 @@ def test_depth_module__bf16_autocast_training_step_on_cuda() -> None:
 def test_depth_module__frozen_encoder_stays_fixed_while_the_decoder_trains() -> None:
     """finetune.freeze_encoder: one optimiser step moves the decoder only, and the encoder's
     batch-norm statistics do not adapt to the batch either."""
-    from depthpipe.model import DepthModule
+    from depthpipe.training import DepthModule
 
     torch.manual_seed(0)
     spec = ModelSpec("resnet18", 32, 48, 0.6, 350.0)

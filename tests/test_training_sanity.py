@@ -19,9 +19,10 @@ from torch import nn
 from depthpipe.config import Params, load_params
 from depthpipe.data.packed import PackedDepthDataset
 from depthpipe.metrics import depth_metrics
-from depthpipe.model import DepthModule, ModelSpec, load_finetuned, make_optimizer, one_cycle
+from depthpipe.model import ModelSpec, load_finetuned
 from depthpipe.paths import project_paths
 from depthpipe.stages import evaluate, finetune
+from depthpipe.training import DepthModule, make_optimizer, one_cycle
 
 LOSSES = ("silog", "l1_log", "mse")
 OVERFIT_VIEWS = 2  # rendered training views memorised at once

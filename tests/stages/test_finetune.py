@@ -21,7 +21,7 @@ from depthpipe.errors import DepthpipeError
 from depthpipe.model import load_finetuned
 from depthpipe.paths import project_paths
 from depthpipe.stages import finetune
-from tests.helpers import copy_project, run_module, write_params
+from tests.helpers import copy_project, run_main, run_module, write_params
 
 
 @pytest.fixture
@@ -43,21 +43,26 @@ def test_load_encoder__wrong_architecture_names_keys(tmp_path: Path) -> None:
         load_encoder("resnet18", path)
 
 
-def test_finetune__wrong_encoder_file_fails_cleanly(project: Path) -> None:
+def test_finetune__wrong_encoder_file_fails_cleanly(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     paths = project_paths(project)
     encoder = paths.encoder_file("conservative")
     encoder.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), encoder)
-    result = run_module("depthpipe.stages.finetune", "conservative", cwd=project)
-    assert result.returncode == 2
-    assert "encoder.pt: does not fit torchvision resnet18: unexpected keys" in result.stderr
+    # the stage's main in this process (the command line itself: the DDP test below)
+    assert run_main(finetune.main, "conservative", cwd=project) == 2
+    assert (
+        "encoder.pt: does not fit torchvision resnet18: unexpected keys" in capsys.readouterr().err
+    )
     assert not paths.finetune_dir("conservative").exists()
 
 
-def test_finetune__name_must_be_scratch_or_preset(project: Path) -> None:
-    result = run_module("depthpipe.stages.finetune", "wild", cwd=project)
-    assert result.returncode == 2
-    assert "'wild' is neither 'scratch' nor a preset" in result.stderr
+def test_finetune__name_must_be_scratch_or_preset(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_main(finetune.main, "wild", cwd=project) == 2
+    assert "'wild' is neither 'scratch' nor a preset" in capsys.readouterr().err
 
 
 def test_training_step__all_invalid_batch_is_skipped_without_nan(project: Path) -> None:
@@ -149,6 +154,7 @@ def test_finetune__short_run_lowers_validation_loss_and_is_deterministic(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # one pair of DDP processes at a time on the cores
 def test_finetune__two_processes_ddp_on_cpu(project: Path) -> None:
     write_params(project, {"finetune": {"epochs": 1, "trainer": {"devices": 2, "strategy": "ddp"}}})
     result = run_module("depthpipe.stages.finetune", "scratch", cwd=project)

@@ -45,7 +45,7 @@ from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
 from depthpipe.metrics import average_metrics, depth_metrics
-from depthpipe.model import DepthModule, ModelSpec, build_unet, save_finetuned
+from depthpipe.model import ModelSpec, build_unet, save_finetuned
 from depthpipe.paths import (
     BEST_CHECKPOINT,
     FINETUNE_SUMMARY,
@@ -55,6 +55,7 @@ from depthpipe.paths import (
     ProjectPaths,
 )
 from depthpipe.prior import packed_prior, prior_depth
+from depthpipe.training import DepthModule
 from depthpipe.transforms import DepthAugment
 
 MONITOR = "val/abs_rel"
