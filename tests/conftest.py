@@ -1,12 +1,15 @@
-"""Shared fixtures: writable caches for every test, tiny project folders (see tests/helpers.py)."""
+"""Shared fixtures: writable caches for every test, tiny project folders (see tests/helpers.py);
+how pytest-xdist shares the tests between its workers."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.e2e import E2E_MODULES
 from tests.helpers import LOW_RES, copy_project, save_untrained_model, write_params
 
 
@@ -82,3 +85,29 @@ def reproduced_pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     from tests.e2e import reproduce_pristine
 
     return reproduce_pristine(tmp_path_factory.mktemp("pristine") / "project")
+
+
+# The two tests that start a pair of DDP processes: one pair at a time on the cores.
+DDP_TESTS = (
+    "tests/stages/test_pretrain.py::test_pretrain__two_processes_ddp_on_cpu",
+    "tests/stages/test_finetune.py::test_finetune__two_processes_ddp_on_cpu",
+)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's scope scheduling with our own scopes: every test of E2E_MODULES in one
+    worker (they share the session's `dvc repro`, minutes of CPU: split, each worker would run
+    it), the DDP tests in one, every other test on its own. Scopes with the most tests go first,
+    so the end-to-end chain, the longest, starts at once beside everything else. (xdist's own
+    --dist loadgroup marks the tests through a node id that pytest 9 no longer lets it change.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ChainScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module in E2E_MODULES:
+                return "e2e"
+            return "ddp" if nodeid in DDP_TESTS else nodeid
+
+    return ChainScheduling(config, log)

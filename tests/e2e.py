@@ -19,10 +19,9 @@ from typing import Any
 
 from tests.helpers import REPO, write_params
 
-# The xdist group (pytest-xdist, --dist loadgroup) of every test that uses the session's
-# reproduced project: one worker runs them all, after one `dvc repro`, and starts them first
-# (tests/conftest.py), being the longest chain of the run.
-E2E_GROUP = "e2e"
+# The test modules that work on the session's reproduced project: one pytest-xdist worker runs
+# them all, after one `dvc repro` (tests/conftest.py, pytest_xdist_make_scheduler).
+E2E_MODULES = ("tests/test_dvc_e2e.py", "tests/test_kill.py")
 
 # always_changed (dvc.yaml): it runs on every repro, in milliseconds, and fetch re-runs only
 # when the file it writes changes.
@@ -30,8 +29,9 @@ WATCHER = "fingerprint"
 
 # The profile of the shared reproduced project: the tests' TINY params, plus
 REPRO_PROFILE: dict[str, Any] = {
-    # one process: preprocess's worker pool would leave orphans beside a stage that
-    # tests/test_kill.py kills (preprocess.workers changes no byte and is no DVC param)
+    # one process: tests/test_kill.py kills the stage's process, and forked workers carry the
+    # same command line (preprocess.workers changes no byte and is no DVC param; that workers
+    # die with a killed stage is tests/stages/test_preprocess.py's)
     "preprocess": {"workers": 1},
     # a checkpoint after the first epoch leaves the second for tests/test_kill.py to resume
     # (TINY has 1 epoch)

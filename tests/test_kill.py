@@ -39,16 +39,15 @@ import yaml
 
 from depthpipe.paths import LIGHTLY_LAST_CHECKPOINT, MODEL_WEIGHTS, SCRATCH, stage_io
 from depthpipe.stages import finetune
-from tests.e2e import E2E_GROUP, REPRO_PROFILE, WATCHER, cli_env, copy_reproduced, dvc, ran
+from tests.e2e import REPRO_PROFILE, WATCHER, cli_env, copy_reproduced, dvc, ran
 from tests.helpers import write_params
 
-# one xdist worker for the whole chain: they share the session's reproduced project (conftest)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(E2E_GROUP)]
+pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 
-# The reference's REPRO_PROFILE runs preprocess in one process (its worker pool would leave
-# orphans beside the killed stage) and pretrains 2 epochs (a checkpoint after the first leaves
+# The reference's REPRO_PROFILE runs preprocess in one process (the stage's process is then the
+# only one with its command line) and pretrains 2 epochs (a checkpoint after the first leaves
 # the second to resume). TINY's finetune.epochs (2): likewise, one epoch left to resume.
 OUTPUT_FOLDERS = ("data", "models", "metrics", "dvclive")
 # What depthpipe.atomic stages an output in: .<name>.tmp-<random> and .<name>.old-<pid>.
@@ -357,6 +356,7 @@ def test_kill__pretrain_rerun_resumes_from_its_checkpoint(
     summary = json.loads((workspace / "models/pretrain" / preset / "pretrain.json").read_text())
     epochs = _params(workspace)["pretrain"]["epochs"]
     assert_resumed(output, checkpoint, done, [printed_json(output, stage), summary], epochs)
+    assert f"{stage}: resumed from epoch {done} of {epochs}" in output, output[-3000:]
     assert_complete(workspace, stage)
     assert_curves_whole(workspace, reference, stage)
     assert not checkpoint.parent.parent.exists()  # exported: the working folder is gone

@@ -26,11 +26,14 @@ from depthpipe.training import DepthModule, make_optimizer, one_cycle
 
 LOSSES = ("silog", "l1_log", "mse")
 OVERFIT_VIEWS = 2  # rendered training views memorised at once
-# Per loss: (peak learning rate of the one-cycle schedule the stage trains with, step budget).
-# About 0.5 s a step on 2 CPU cores at 48x64. The tutorial's MSE in metres needs a lower rate
-# and more steps: its gradient is dominated by the far and the invalid (target 0 m) pixels, and
-# at 1e-3 or above it drives the sigmoid head into saturation at min_depth, where it stays.
-OVERFIT = {"silog": (1e-3, 60), "l1_log": (1e-3, 60), "mse": (3e-4, 250)}
+# Per loss: (peak learning rate of the one-cycle schedule the stage trains with, steps, the
+# abs_rel the 2 views must reach; they start near 2.4). About 0.5 s a step on 2 CPU cores at
+# 48x64. The tutorial's MSE in metres needs a lower rate (its gradient is dominated by the far and
+# the invalid, target 0 m, pixels; at 1e-3 or above it drives the sigmoid head into saturation at
+# min_depth, where it stays) and converges slower: 0.17 after 60 steps at 5e-4 (0.13 after 100,
+# under 0.1 after 250, which would cost CI two more minutes), still a fall by 14x that a wrong
+# mask, sign or log/exp would not give.
+OVERFIT = {"silog": (1e-3, 60, 0.1), "l1_log": (1e-3, 60, 0.1), "mse": (5e-4, 60, 0.25)}
 
 
 @pytest.fixture
@@ -100,9 +103,9 @@ def _abs_rel(module: nn.Module, batch: dict[str, torch.Tensor], valid: torch.Ten
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
 def test_unet__overfits_one_batch_of_rendered_views(project: Path, loss: str) -> None:
-    """Memorising 2 views to abs_rel < 0.1 within the stated steps: the network, the loss and
-    the targets fit together (a wrong mask, sign or log/exp would keep abs_rel high)."""
-    lr, steps = OVERFIT[loss]
+    """Memorising 2 views to the stated abs_rel within the stated steps: the network, the loss
+    and the targets fit together (a wrong mask, sign or log/exp would keep abs_rel high)."""
+    lr, steps, reached = OVERFIT[loss]
     module, _ = _module(project, loss)
     batch = _batch(project, OVERFIT_VIEWS)
     valid = module.valid_pixels(batch)
@@ -117,7 +120,7 @@ def test_unet__overfits_one_batch_of_rendered_views(project: Path, loss: str) ->
         optimizer.step()
         schedule.step()
     end = _abs_rel(module, batch, valid)
-    assert end < 0.1, f"{loss}: abs_rel {start:.3f} -> {end:.3f} after {steps} steps"
+    assert end < reached, f"{loss}: abs_rel {start:.3f} -> {end:.3f} after {steps} steps"
 
 
 class Oracle(nn.Module):

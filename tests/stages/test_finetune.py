@@ -111,11 +111,10 @@ def _val_loss(net: torch.nn.Module, paths, params) -> float:
 
 
 @pytest.mark.slow
-def test_finetune__short_run_lowers_validation_loss_and_is_deterministic(
-    project: Path, tmp_path: Path
-) -> None:
+def test_finetune__short_run_lowers_validation_loss(project: Path) -> None:
+    """(That the same params and inputs give the same numbers, which DVC's run cache relies
+    on: the killed-and-resumed run below ends bit-identical to an uninterrupted one.)"""
     write_params(project, {"finetune": {"epochs": 4, "lr": 0.001}})
-    twin = copy_project(project, tmp_path / "twin")
     paths = project_paths(project)
     params = load_params(paths.params)
     torch.manual_seed(params.seed)
@@ -144,17 +143,8 @@ def test_finetune__short_run_lowers_validation_loss_and_is_deterministic(
     hparams = torch.load(model_dir / "best.ckpt", weights_only=False)["hyper_parameters"]
     assert "unet" not in hparams and hparams["loss"] == "silog"
 
-    # Same params and inputs: the same numbers (DVC's run cache relies on it).
-    twin_paths = project_paths(twin)
-    finetune.run(load_params(twin_paths.params), twin_paths, "scratch")
-    assert (
-        json.loads((twin_paths.finetune_live("scratch") / "metrics.json").read_text())["val"]
-        == metrics["val"]
-    )
-
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ddp")  # one pair of DDP processes at a time on the cores
 def test_finetune__two_processes_ddp_on_cpu(project: Path) -> None:
     write_params(project, {"finetune": {"epochs": 1, "trainer": {"devices": 2, "strategy": "ddp"}}})
     result = run_module("depthpipe.stages.finetune", "scratch", cwd=project)

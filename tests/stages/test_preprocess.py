@@ -2,9 +2,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -162,3 +167,50 @@ def test_megadepth_preprocessed_images_resized(fetched_project: Path) -> None:
     for path in images:
         with Image.open(path) as img:
             assert min(img.size) <= 48
+
+
+# A pool of 2 workers that each print their pid and then sleep: preprocess's parallel_map.
+_SLEEPING_POOL = """
+import os, time
+from depthpipe.stages.preprocess import parallel_map
+
+def work(item):
+    print(os.getpid(), flush=True)
+    time.sleep(300)
+    return item
+
+for _ in parallel_map(work, [1, 2], 2, "sleeping"):
+    pass
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG): Linux")
+def test_parallel_map__workers_die_with_a_sigkilled_stage() -> None:
+    """SIGKILL of the stage's process (an out-of-memory kill) ends its decoding workers too:
+    nothing keeps running beside the re-run."""
+    stage = subprocess.Popen(
+        [sys.executable, "-c", _SLEEPING_POOL], stdout=subprocess.PIPE, text=True
+    )
+    workers: list[int] = []
+    try:
+        assert stage.stdout is not None
+        workers = [int(stage.stdout.readline()) for _ in range(2)]
+        assert all(psutil.Process(pid).ppid() == stage.pid for pid in workers)
+        stage.send_signal(signal.SIGKILL)
+        stage.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in workers if not _gone(pid)] == []
+    finally:
+        stage.kill()
+        for pid in workers:
+            if not _gone(pid):
+                psutil.Process(pid).kill()

@@ -132,41 +132,27 @@ def _kill_after_first_checkpoint(project: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_pretrain__killed_run_resumes_and_params_change_starts_clean(project: Path) -> None:
-    # Killed as soon as the first checkpoint is complete, after epoch 1 (or 2 if the poll came
-    # late): epochs 2-4 are left to resume.
-    write_params(project, {"pretrain": {"epochs": 4}})
+def test_pretrain__killed_run_then_changed_params_starts_clean(project: Path) -> None:
+    """A run killed after its first checkpoint, then other params: a clean start under a new
+    key, the killed run's folder removed. (The same params resume from the checkpoint:
+    tests/test_kill.py, through `dvc repro`.)"""
+    write_params(project, {"pretrain": {"epochs": 4}})  # killed after epoch 1 of 4
     paths = project_paths(project)
     workdir = _kill_after_first_checkpoint(project)
     assert not paths.encoder_dir("conservative").exists()  # nothing half-exported
-    killed_at = pretrain.checkpoint_epoch(workdir / "checkpoints" / "last.ckpt")
-    # A checkpoint exists only once an epoch has finished, so at least one is complete.
-    assert 1 <= killed_at <= 3
+    assert 1 <= pretrain.checkpoint_epoch(workdir / "checkpoints" / "last.ckpt") <= 3
 
-    # Same params: continues in the same folder from the checkpoint's epoch.
-    result = run_module("depthpipe.stages.pretrain", "conservative", cwd=project)
-    assert result.returncode == 0, result.stderr[-3000:]
-    stats = json.loads((paths.encoder_dir("conservative") / "pretrain.json").read_text())
-    assert stats["resumed"] is True and stats["resumed_at_epoch"] == killed_at
-    assert f"pretrain@conservative: resumed from epoch {killed_at} of 4" in result.stdout
-    assert stats["run_key"] == workdir.name.split("-", 1)[1]
-    losses = (paths.pretrain_live("conservative") / "plots/metrics/train/loss.tsv").read_text()
-    steps = [int(line.split("\t")[0]) for line in losses.splitlines()[1:]]
-    # One curve, before and after the kill: no epoch logged twice or lost.
-    assert len(steps) == 4 and steps == sorted(set(steps))
-
-    # Changed params: the interrupted folder of the old params is not resumed.
-    workdir = _kill_after_first_checkpoint(project)
     write_params(project, {"pretrain": {"epochs": 2}})
     result = run_module("depthpipe.stages.pretrain", "conservative", cwd=project)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from epoch" not in result.stdout
     stats = json.loads((paths.encoder_dir("conservative") / "pretrain.json").read_text())
     assert stats["resumed"] is False and stats["run_key"] != workdir.name.split("-", 1)[1]
+    assert stats["epochs"] == 2
     assert not workdir.exists()
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ddp")  # one pair of DDP processes at a time on the cores
 def test_pretrain__two_processes_ddp_on_cpu(project: Path) -> None:
     # strategy auto: LightlyTrain chooses DDP (find_unused_parameters) over gloo on CPU
     write_params(project, {"pretrain": {"trainer": {"devices": 2, "strategy": "auto"}}})
