@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import gc
 import json
+import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +120,37 @@ def test_evaluate__batch_size_does_not_change_predictions(scored_project: Path) 
         np.testing.assert_allclose(
             single.predictions["scratch"], batched.predictions["scratch"], rtol=1e-5
         )
+
+
+def test_evaluate__streams_the_test_images_one_batch_at_a_time(scored_project: Path) -> None:
+    """Memory that does not grow with the test set: while the stage scores image k, the images
+    before it are gone (no list of them kept), except the grid's (keep_first)."""
+    paths = project_paths(scored_project)
+    params = load_params(paths.params)
+    seen: list[weakref.ref[evaluate.TestImage]] = []
+    alive_before: list[int] = []
+
+    def watched(images: Iterable[evaluate.TestImage]) -> Iterator[evaluate.TestImage]:
+        for image in images:
+            gc.collect()
+            alive_before.append(sum(ref() is not None for ref in seen))
+            seen.append(weakref.ref(image))
+            yield image
+
+    for grid in (0, 1):
+        seen.clear()
+        alive_before.clear()
+        images = evaluate.predict_test_images(
+            paths, scratch_twice(paths), batch_size=1, depth=params.depth
+        )
+        shown: list[evaluate.TestImage] = []
+        _, scored = evaluate.score_images(evaluate.keep_first(watched(images), shown, grid), params)
+        assert len(scored) == len(seen) == 3
+        # the one before (still bound to the loops' variables when the next is asked for) and
+        # the grid's; a list of them all would make it [0, 1, 2]
+        assert alive_before == [0, 1, 1 + grid], (grid, alive_before)
+        gc.collect()
+        assert [ref() for ref in seen if ref() is not None] == shown and len(shown) == grid
 
 
 def test_evaluate__batch_size_is_images_per_forward_pass(scored_project: Path) -> None:
@@ -248,3 +282,10 @@ def test_score_images__an_image_without_valid_pixel_is_left_out_of_every_model()
     assert averages["prior"]["abs_rel"] == pytest.approx(0.5, rel=1e-6)
     with pytest.raises(DepthpipeError, match="no test image has a valid pixel"):
         evaluate.score_images(iter([_test_image("empty", "s", False, 0.0)]), params)
+
+
+def test_header_size__unreadable_test_image_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "00019_00183_outdoor_000_000.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then nothing valid
+    with pytest.raises(DepthpipeError, match=rf"{broken.name}: unreadable test image"):
+        evaluate.header_size(broken)

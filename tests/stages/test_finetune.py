@@ -9,6 +9,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -19,7 +20,7 @@ from depthpipe.data.packed import PackedDepthDataset
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError
 from depthpipe.model import load_finetuned
-from depthpipe.paths import project_paths
+from depthpipe.paths import VALIDATION_SPLIT, project_paths
 from depthpipe.stages import finetune
 from tests.helpers import copy_project, run_main, run_module, write_params
 
@@ -380,3 +381,14 @@ def test_checkpoint_epoch__damaged_resume_point_names_the_folder_to_delete(tmp_p
     damaged = r"unreadable resume checkpoint.*delete .*scratch-0123"
     with pytest.raises(DepthpipeError, match=damaged):
         finetune.checkpoint_epoch(checkpoint)
+
+
+def test_prior_scores__validation_without_a_valid_pixel_is_named(project: Path) -> None:
+    """A validation split whose masks are all empty: the prior cannot be scored, and the error
+    names the split rather than logging a NaN baseline."""
+    paths = project_paths(project)
+    mask_file = paths.packed_split(VALIDATION_SPLIT) / "mask.npy"
+    mask = np.load(mask_file)
+    np.save(mask_file, np.zeros_like(mask))  # a copy of the shared project: ours to change
+    with pytest.raises(DepthpipeError, match=r"validation: no validation image has a valid pixel"):
+        finetune.prior_scores(load_params(paths.params), paths)
