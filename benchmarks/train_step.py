@@ -1,6 +1,6 @@
 """Training-loop overhead: the real fine-tuning and pretraining loops against their bare arithmetic.
 
-    python benchmarks/train_step.py                  # about 3 min on 2 CPU cores
+    python benchmarks/train_step.py                  # about 4 min on 2 idle CPU cores
     python benchmarks/train_step.py --epochs 6 --pretrain-epochs 30    # more steps
     python benchmarks/train_step.py --ablate         # also each suspected cost removed (~12 min)
     python benchmarks/train_step.py --profile DIR    # also cProfile both real loops into DIR

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -347,14 +348,17 @@ def _exp_metrics(root: Path) -> dict[tuple[str, int], float]:
 
 
 def test_study__reads_real_experiments(reproduced: tuple[Path, str], tmp_path: Path) -> None:
-    """The study over what the tests above made with real `dvc exp run`: the baseline
-    (conservative) and try-aggressive, both seed 0. One seed per preset, so the table and the
-    paired difference without an interval, saying why. Several seeds per preset are
-    tests/test_study.py's, on runs shaped like these: each seed here would cost CI a whole
-    pipeline run (the recipe itself is README's, "The study")."""
+    """The study over what real `dvc exp run` made: the baseline (conservative) and
+    try-aggressive, both seed 0, and here conservative with seed 1. Conservative has 2 seeds
+    (mean ± sd, intervals against scratch and the prior), aggressive 1, so the two pair on seed
+    0 only (no interval, saying why). More seeds: tests/test_study.py, on synthetic rows; each
+    seed here costs CI a pipeline run."""
     root, _ = reproduced
+    output = dvc("exp", "run", "-S", "aug=conservative", "-S", "seed=1", cwd=root)
+    # The training seed re-runs training only: the data (data.seed) stay as they are.
+    assert ran(output) == set(ALL_STAGES) - {"fetch", "preprocess"}, output[-3000:]
     runs = _exp_metrics(root)
-    assert set(runs) == {("aggressive", 0), ("conservative", 0)}, runs
+    assert set(runs) == {("aggressive", 0), ("conservative", 0), ("conservative", 1)}, runs
     out = tmp_path / "study"
     study = subprocess.run(
         [sys.executable, "-m", "depthpipe.study", "--out", str(out)],
@@ -366,13 +370,17 @@ def test_study__reads_real_experiments(reproduced: tuple[Path, str], tmp_path: P
     )
     assert study.returncode == 0, study.stderr[-3000:]
     result = study.stdout
-    for aug in ("aggressive", "conservative"):
-        assert f"| {aug} | 1 | {runs[(aug, 0)]:.4f} |" in result, result
-    difference = runs[("aggressive", 0)] - runs[("conservative", 0)]
+    assert f"| aggressive | 1 | {runs[('aggressive', 0)]:.4f} |" in result, result
+    conservative = (runs[("conservative", 0)] + runs[("conservative", 1)]) / 2
+    assert f"| conservative | 2 | {conservative:.4f} ± " in result, result
+    difference = runs[("aggressive", 0)] - runs[("conservative", 0)]  # seed 0 pairs, seed 1 not
     assert (
         f"| aggressive - conservative | abs_rel | 1 | {difference:+.4f} | - | no interval: one"
         " seed per group" in result
     ), result
+    # two seeds: a 95% interval
+    assert re.search(r"\| conservative - scratch \| abs_rel \| 2 \| [-+]\S+ \| \[", result), result
+    assert re.search(r"\| scratch - prior \| abs_rel \| 2 \| [-+]\S+ \| \[", result), result
     assert (out / "study.md").read_text() == result
     assert (out / "study.png").stat().st_size > 10_000
     missing = subprocess.run(

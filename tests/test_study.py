@@ -160,3 +160,35 @@ def test_study__seeds_needed_from_the_measured_spread() -> None:
     assert difference.seeds_needed() == 5
     assert "about 5 seeds would separate" in difference.verdict()
     assert Difference("a - b", "abs_rel", 2, 0.0, -1.0, 1.0, sd=0.1).seeds_needed() is None
+
+
+def test_study__runs_differing_only_outside_the_grouping_are_refused_not_dropped() -> None:
+    """A frozen-encoder run beside the baseline, same aug and seed, without --by: which one
+    belongs in the study is not for the study to guess. With --by it is grouped; an exact
+    repeat of a run (same params) counts once."""
+    params = {"aug", "seed", "data.seed", "finetune.freeze_encoder"}
+    base = _row("c0", "conservative", 0, 0.40, 0.60, **{"finetune.freeze_encoder": False})
+    frozen = _row("f0", "conservative", 0, 0.45, 0.60, **{"finetune.freeze_encoder": True})
+    with pytest.raises(
+        DepthpipeError,
+        match=r"c0 and f0 have the same aug, seed but differ in "
+        r"finetune.freeze_encoder: group by it too, e.g. --by finetune.freeze_encoder",
+    ):
+        runs_from_rows([base, frozen], [], params=params)
+    runs, _ = runs_from_rows([base, frozen], ["finetune.freeze_encoder"], params=params)
+    assert sorted(run.name for run in runs) == ["c0", "f0"]
+    repeat = _row("r0", "conservative", 0, 0.41, 0.60, **{"finetune.freeze_encoder": False})
+    runs, _ = runs_from_rows([base, repeat], [], params=params)
+    assert [run.name for run in runs] == ["c0"]
+
+
+def test_param_keys__dotted_leaves_of_params_yaml(tmp_path: Path) -> None:
+    from depthpipe.study import param_keys
+
+    (tmp_path / "params.yaml").write_text("aug: c\nfinetune:\n  lr: 0.1\n  trainer: {devices: 1}\n")
+    assert param_keys(tmp_path / "params.yaml") == {
+        "aug",
+        "finetune.lr",
+        "finetune.trainer.devices",
+    }
+    assert param_keys(tmp_path / "missing.yaml") == set()

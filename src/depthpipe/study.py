@@ -24,11 +24,12 @@ import argparse
 import itertools
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from scipy import stats as scipy_stats
 
 from depthpipe.errors import DepthpipeError, run_cli
@@ -102,13 +103,40 @@ def read_runs(repo: str | None, by: Sequence[str]) -> tuple[list[Run], list[str]
     """The project's runs (``dvc.api.exp_show``), see ``runs_from_rows``."""
     import dvc.api
 
-    return runs_from_rows(dvc.api.exp_show(repo=repo), by, where=repo or "this project")
+    rows = dvc.api.exp_show(repo=repo)
+    keys = param_keys(Path(repo or ".") / "params.yaml")
+    return runs_from_rows(rows, by, where=repo or "this project", params=keys)
+
+
+def param_keys(params_file: Path) -> set[str]:
+    """The dotted keys of a params file's leaves, as exp_show names its param columns; none
+    when the file is not on this machine (a --repo URL)."""
+    try:
+        tree = yaml.safe_load(params_file.read_text())
+    except OSError:
+        return set()
+
+    def leaves(node: Any, prefix: str) -> set[str]:
+        if not isinstance(node, dict) or not node:
+            return {prefix}
+        return {key for k, v in node.items() for key in leaves(v, f"{prefix}{k}.")}
+
+    return {key.rstrip(".") for key in leaves(tree, "")}
 
 
 def runs_from_rows(
-    rows: list[dict[str, Any]], by: Sequence[str], where: str = "the project"
+    rows: list[dict[str, Any]],
+    by: Sequence[str],
+    where: str = "the project",
+    params: Collection[str] = (),
 ) -> tuple[list[Run], list[str]]:
-    """Runs with a complete metrics file, and a note for each experiment left out."""
+    """Runs with a complete metrics file, and a note for each experiment left out.
+
+    Two runs with the same preset, ``by`` params and seed are one run when every other param in
+    ``params`` (the project's params.yaml keys) agrees too, e.g. an experiment that repeats its
+    baseline: the first is kept. When another param differs, which one belongs in the study is
+    not ours to guess: an error names both runs and the params to add with --by.
+    """
     rows = [row for row in rows if row.get("typ") in RUN_TYPES and row.get("rev") != "workspace"]
     if not rows:
         raise DepthpipeError(
@@ -119,7 +147,7 @@ def runs_from_rows(
     _check_params(rows, keys)
     runs: list[Run] = []
     skipped: list[str] = []
-    seen: set[tuple[Any, ...]] = set()
+    seen: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
     for row in rows:
         name = str(row.get("Experiment") or row.get("rev"))
         metrics = {key: _metric(row, key) for key in MAIN_METRICS}
@@ -127,12 +155,15 @@ def runs_from_rows(
         if missing:
             skipped.append(f"{name}: no {METRICS_FILE} ({', '.join(missing)} missing)")
             continue
-        params = {key: row[key] for key in keys}
-        identity = tuple(params.values())
-        if identity in seen:  # e.g. an experiment that repeats its baseline's params
+        identity = tuple(row[key] for key in keys)
+        if identity in seen:
+            _check_same_run(seen[identity], (name, row), params, by)
             continue
-        seen.add(identity)
-        runs.append(Run(name, params, {k: float(v) for k, v in metrics.items() if v is not None}))
+        seen[identity] = (name, row)
+        run_params = {key: row[key] for key in keys}
+        runs.append(
+            Run(name, run_params, {k: float(v) for k, v in metrics.items() if v is not None})
+        )
     if not runs:
         raise DepthpipeError(
             f"no experiment has {METRICS_FILE}: "
@@ -140,6 +171,23 @@ def runs_from_rows(
             + (" ..." if len(skipped) > 3 else "")
         )
     return runs, skipped
+
+
+def _check_same_run(
+    first: tuple[str, dict[str, Any]],
+    second: tuple[str, dict[str, Any]],
+    params: Collection[str],
+    by: Sequence[str],
+) -> None:
+    """Raise when two rows of one (aug, --by, seed) differ in another param."""
+    differing = sorted(key for key in params if first[1].get(key) != second[1].get(key))
+    if differing:
+        raise DepthpipeError(
+            f"{first[0]} and {second[0]} have the same aug, seed"
+            + "".join(f", {key}" for key in by)
+            + f" but differ in {', '.join(differing[:5])}: group by it too, e.g. --by "
+            + " ".join([*by, differing[0]])
+        )
 
 
 def _check_params(rows: list[dict[str, Any]], keys: Sequence[str]) -> None:

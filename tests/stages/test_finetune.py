@@ -392,3 +392,22 @@ def test_prior_scores__validation_without_a_valid_pixel_is_named(project: Path) 
     np.save(mask_file, np.zeros_like(mask))  # a copy of the shared project: ours to change
     with pytest.raises(DepthpipeError, match=r"validation: no validation image has a valid pixel"):
         finetune.prior_scores(load_params(paths.params), paths)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_build_module__freeze_encoder_param_reaches_the_network(
+    project: Path, frozen: bool
+) -> None:
+    """finetune.freeze_encoder from params.yaml to the module the stage trains: with it, the
+    encoder's weights take no gradient and its batch-norm stays in eval mode; the decoder trains
+    either way. (scratch here; a preset's encoder goes through the same function.)"""
+    paths = project_paths(project)
+    write_params(project, {"finetune": {"freeze_encoder": frozen}})
+    module, _ = finetune.build_module(load_params(paths.params), paths, "scratch")
+    module.train()
+    encoder = module.encoder()
+    assert all(p.requires_grad is not frozen for p in encoder.parameters())
+    assert encoder.training is not frozen
+    encoder_ids = {id(p) for p in encoder.parameters()}
+    decoder = [p for p in module.parameters() if id(p) not in encoder_ids]
+    assert decoder and all(p.requires_grad for p in decoder)

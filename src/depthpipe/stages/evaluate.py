@@ -201,8 +201,11 @@ def score_images(
 ) -> tuple[dict[str, dict[str, float]], list[ImageScores]]:
     """Per-model averages and per-image scores, over the images with a valid pixel.
 
-    An image counts for every model or for none (the comparison stays paired). Consumes
-    ``images`` one at a time: each is scored, then free to go.
+    An image counts for every model or for none (the comparison stays paired): which pixels
+    count comes from the ground truth alone, the same for every model, and depth_metrics turns a
+    model's NaN or infinite output into a depth at the range's edge (sanitise_prediction), so a
+    broken model is scored as badly wrong, never left out. Consumes ``images`` one at a time:
+    each is scored, then free to go.
     """
     lo, hi = params.depth.min_depth, params.depth.max_depth
     per_image: list[ImageScores] = []
