@@ -175,7 +175,7 @@ import os, time
 from depthpipe.stages.preprocess import parallel_map
 
 def work(item):
-    print(os.getpid(), flush=True)
+    os.write(1, f"worker {os.getpid()}\\n".encode())  # one write: lines never interleave
     time.sleep(300)
     return item
 
@@ -201,7 +201,11 @@ def test_parallel_map__workers_die_with_a_sigkilled_stage() -> None:
     workers: list[int] = []
     try:
         assert stage.stdout is not None
-        workers = [int(stage.stdout.readline()) for _ in range(2)]
+        while len(workers) < 2:  # other lines may come through the pipe: skip them
+            words = stage.stdout.readline().split()
+            if words[:1] == ["worker"]:
+                workers.append(int(words[1]))
+            assert words or stage.poll() is None, "the pool's process ended"
         assert all(psutil.Process(pid).ppid() == stage.pid for pid in workers)
         stage.send_signal(signal.SIGKILL)
         stage.wait(timeout=30)
