@@ -283,6 +283,7 @@ def stages(params: Params, dino_net: Network, unet_net: Network) -> list[Stage]:
     photos = doctor.megadepth_photos(params.data)
     trainer = params.pretrain.trainer
     pretrain_gpus = trainer.devices * trainer.num_nodes
+    finetune_gpus = params.finetune.trainer.devices * params.finetune.trainer.num_nodes
     f = unet_net.forward_flops
     return [
         Stage(
@@ -309,7 +310,9 @@ def stages(params: Params, dino_net: Network, unet_net: Network) -> list[Stage]:
             ),
             epochs=params.finetune.epochs,
             runs=2,  # finetune@scratch and finetune@<aug>
-            batch_per_gpu={hw.name: params.finetune.batch_size for hw in HARDWARE},
+            # finetune.batch_size is global too; each row shows the profile's per-GPU share, the
+            # batch that decides whether a GPU's memory holds it
+            batch_per_gpu={hw.name: params.finetune.batch_size // finetune_gpus for hw in HARDWARE},
             photos_per_epoch=train + validation,
         ),
         Stage(

@@ -34,8 +34,9 @@ print(t.devices, t.num_nodes)")
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # per process; torchrun would otherwise pick 1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}          # INFO to see the chosen network when it hangs
-# 1: on an NCCL error or timeout (a rank died), abort and end the process instead of the
-# other ranks waiting in an all-reduce (the default only cleans up).
+# 1: on an NCCL error or timeout (a rank died), abort the communicator and end the process
+# instead of the other ranks waiting in an all-reduce (recent PyTorch defaults to 3: abort
+# without ending the process; 1 makes the choice explicit).
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 # export NCCL_SOCKET_IFNAME=ib0                # site-specific: the interface NCCL should use
 export PYTHONUNBUFFERED=1
@@ -43,16 +44,23 @@ export PYTHONUNBUFFERED=1
 # Static rendezvous with an explicit node rank: node 0's first process is global rank 0, the
 # one that writes the stage's outputs, so node 0 is also the one that commits them below.
 # No --max-restarts: a restarted worker would rejoin a half-finished run; rerunning the script
-# resumes pretraining from its checkpoint instead.
+# resumes pretraining from its checkpoint instead. RUN_ID (optional; the same new word on every
+# node, for each launch): names the launch, so rank 0 alone lists the pretraining images and the
+# other ranks take its decision; without it each rank lists them itself and decides alike.
+# Global rank 0 holds the project's leader lock while the stage runs.
 torchrun \
     --nnodes "$NNODES" \
     --nproc-per-node "$NPROC" \
     --node-rank "$NODE_RANK" \
     --rdzv-backend static \
     --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
+    ${RUN_ID:+--rdzv-id "depthpipe-$RUN_ID"} \
     -m "depthpipe.stages.$STAGE" "$ITEM"
 
 if [ "$NODE_RANK" = 0 ]; then
-    # -f: no confirmation prompt; DVC hashes the outputs rank 0 wrote and records them.
+    # Reached only when torchrun succeeded (set -e): a stage ended by an error or SIGTERM exits
+    # non-zero and leaves no outputs. -f: no confirmation prompt; DVC hashes what rank 0 wrote.
     dvc commit --force "$STAGE@$ITEM"
+    # Recorded: now the working folder (the resume point) may go.
+    python -m depthpipe.distributed prune "$STAGE@$ITEM"
 fi

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -100,8 +101,10 @@ def run_main(main: Callable[[], None], *args: str, cwd: Path) -> int:
     per test on the shared CI cores; one ``run_module`` test per command keeps the real command
     line covered.
     """
-    # What a main sets for its whole process, put back so later tests see the defaults.
+    # What a main sets for its whole process, put back so later tests see the defaults (the
+    # training stages' mains also take over SIGTERM: depthpipe.distributed.stop_on_sigterm).
     grad_enabled, max_pixels, argv = torch.is_grad_enabled(), Image.MAX_IMAGE_PIXELS, sys.argv
+    sigterm = signal.getsignal(signal.SIGTERM)
     sys.argv = [main.__module__, *args]
     try:
         with contextlib.chdir(cwd):
@@ -110,6 +113,7 @@ def run_main(main: Callable[[], None], *args: str, cwd: Path) -> int:
         return exit_status(stop.code)
     finally:
         sys.argv = argv
+        signal.signal(signal.SIGTERM, sigterm)
         torch.set_grad_enabled(grad_enabled)
         Image.MAX_IMAGE_PIXELS = max_pixels
     return 0

@@ -81,9 +81,20 @@ def test_load_params__committed_file_is_valid() -> None:
         ({"finetune": {"schedule": "cosine"}}, "finetune.schedule: 'cosine' is not one of"),
         ({"seed": -1}, "seed: -1 is below the minimum 0"),
         (
-            {"preprocess": {"val_fraction": 0.01}},
+            {"preprocess": {"val_fraction": 0.01}, "data": {"synthetic": {"train_scenes": 16}}},
             "preprocess.val_fraction 0.01 of data.synthetic.train_scenes 16 holds out 0 scene",
         ),
+        (
+            {"preprocess": {"val_fraction": 0.9}, "data": {"synthetic": {"train_scenes": 3}}},
+            "preprocess.val_fraction 0.9 of data.synthetic.train_scenes 3 holds out 3 scene",
+        ),
+        ({"data": {"synthetic": {"val_scenes": 0}}}, "data.synthetic.val_scenes: 0 is below"),
+        (
+            {"depth": {"min_depth": 400.0, "max_depth": 1000.0}},
+            "depth.min_depth 400.0 is beyond the synthetic scanner's range",
+        ),
+        ({"finetune": {"augment": {"geometry": "zoom"}}}, "finetune.augment.geometry: 'zoom'"),
+        ({"finetune": {"augment": {"crop_side": 0.1}}}, "finetune.augment.crop_side: 0.1 is"),
         ({"finetune": {"trainer": {"devices": 0}}}, "finetune.trainer.devices: 0 is below"),
         ({"depth": {"min_depth": 10.0, "max_depth": 5.0}}, "depth.min_depth must be below"),
         (

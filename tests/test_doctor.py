@@ -481,3 +481,118 @@ def test_slurm_allocation_matches_one_task_per_gpu() -> None:
         re.findall(r"^#SBATCH --([a-z-]+)=(\S+)", (LAUNCH / "slurm.sbatch").read_text(), re.M)
     )
     assert options["ntasks-per-node"] == options["gpus-per-node"]
+
+
+def _srun_lines(text: str) -> list[str]:
+    """Each srun command of a launch file (continuation lines joined), comments left out."""
+    joined = text.replace("\\\n", " ")
+    return [
+        line.strip()
+        for line in joined.splitlines()
+        if re.match(r"\s*srun\b", line) and not line.strip().startswith("#")
+    ]
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_launch_file__every_srun_carries_the_cpus_per_task(path: Path) -> None:
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task: each srun must say it, or the
+    script must export SRUN_CPUS_PER_TASK before it (both, in slurm.sbatch)."""
+    text = path.read_text()
+    exported = re.search(r"^export SRUN_CPUS_PER_TASK=\S+", text, re.M)
+    for line in _srun_lines(text):
+        before = text.index(line.split()[0] + " " + line.split()[1])
+        assert "--cpus-per-task=" in line or (exported and exported.start() < before), line
+
+
+def test_slurm_job__one_leader_and_checked_stages() -> None:
+    """singleton and the leader lock both; the doctor first; the last single-process step checks
+    the training stages first; a recorded stage's working folder pruned after its commit."""
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert re.search(r"^#SBATCH --dependency=singleton$", text, re.M)
+    lines = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
+    hold = next(i for i, line in enumerate(lines) if "depthpipe.distributed hold" in line)
+    first_work = next(i for i, line in enumerate(lines) if "depthpipe.doctor" in line)
+    assert hold < first_work  # the lock before anything else runs
+    status = next(i for i, line in enumerate(lines) if "dvc status --quiet --with-deps" in line)
+    evaluate = next(i for i, line in enumerate(lines) if line == "dvc repro evaluate")
+    assert status < evaluate
+    assert all(f"{s}@" in lines[status] for s in ("pretrain", "finetune"))
+    commit = next(i for i, line in enumerate(lines) if line.startswith("dvc commit --force"))
+    assert "depthpipe.distributed prune" in lines[commit + 1]
+    # PyTorch's default for TORCH_NCCL_ASYNC_ERROR_HANDLING aborts (3), it does not "only clean up"
+    assert "the default only cleans up" not in text
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_launch_file__depthpipe_commands_exist(path: Path) -> None:
+    """Every `python -m depthpipe.distributed <command>` names a command it has."""
+    from depthpipe import distributed
+
+    for words in _commands(path):
+        if words[:3] == ["python", "-m", "depthpipe.distributed"]:
+            command = words[3]
+            assert command in ("hold", "prune"), command
+            with pytest.raises(SystemExit) as stop:
+                distributed.main([command, "--help"])
+            assert stop.value.code == 0
+
+
+# --- site settings a cluster needs ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "status", "says"),
+    [
+        ({}, "PASS", "not in a SLURM job"),
+        (
+            {"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "d", "SLURM_CPUS_PER_TASK": "9"},
+            "FAIL",
+            "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
+        ),
+        ({"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "d"}, "FAIL", "no --cpus-per-task"),
+        (
+            {"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "d", "SLURM_CPUS_PER_TASK": "9"}
+            | {"SRUN_CPUS_PER_TASK": "9"},
+            "PASS",
+            "9 CPUs",
+        ),
+    ],
+)
+def test_cpus_check__srun_gets_the_jobs_cpus_per_task(
+    env: dict[str, str], status: str, says: str
+) -> None:
+    params = parse_params(
+        deep_merge(committed_params(), {"finetune": {"trainer": {"num_workers": 8}}})
+    )
+    check = doctor.cpus_check(params, env)
+    assert check.status == status and says in check.message, check.line()
+
+
+def test_site_checks__multi_node_needs_a_shared_hash_cache_and_hardlink_locks(
+    tmp_path: Path,
+) -> None:
+    two_nodes = {"devices": 4, "num_nodes": 2, "accelerator": "gpu"}
+    params = parse_params(
+        deep_merge(committed_params(), {"finetune": {"trainer": two_nodes, "batch_size": 8}})
+    )
+    shared = doctor.site_checks(params, tmp_path, tmp_path / "dvc-site", "nfs4", True)
+    assert [c.status for c in shared] == ["PASS", "PASS"], shared
+    unlocked = doctor.site_checks(params, tmp_path, tmp_path / "dvc-site", "lustre", False)
+    assert unlocked[1].status == "WARN" and "core.hardlink_lock true" in unlocked[1].message
+    # A site cache on another filesystem (/proc here, as node-local as it gets).
+    local = doctor.site_checks(params, tmp_path, Path("/proc/dvc"), "ext4", False)
+    assert local[0].status == "WARN" and "core.site_cache_dir" in local[0].message
+    assert local[1].status == "PASS"
+    one_node = doctor.site_checks(
+        parse_params(committed_params()), tmp_path, Path("/proc/dvc"), "nfs", False
+    )
+    assert [c.status for c in one_node] == ["PASS"]
+
+
+def test_doctor__reports_leader_site_and_cpus(project: Path, run_doctor: RunDoctor) -> None:
+    code, lines = run_doctor(project)
+    assert code == 0, lines
+    assert _lines(lines, "PASS", "leader") == [
+        "PASS leader      .depthpipe/leader.lock: free; file locks work here"
+    ]
+    assert _lines(lines, "PASS", "dvc site") and _lines(lines, "PASS", "cpus")

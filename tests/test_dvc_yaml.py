@@ -39,7 +39,17 @@ NEUTRAL = {"depthpipe", "depthpipe.errors"}
 # ProjectPaths members that are no pipeline data: the project folder, the params file (a DVC
 # params dep, not a path dep) and the resumable working folders of pretrain, finetune and fetch
 # (outside every output).
-NEUTRAL_MEMBERS = {"root", "params", "pretrain_workdir", "finetune_workdir", "fetch_workdir"}
+# Members for no stage input or output: the params, working folders outside every output, and
+# the project's leader lock (depthpipe.distributed).
+NEUTRAL_MEMBERS = {
+    "root",
+    "params",
+    "pretrain_workdir",
+    "finetune_workdir",
+    "fetch_workdir",
+    "training_workdirs",
+    "leader_lock",
+}
 # ProjectPaths methods whose argument is no encoder or preset name, and the names they take.
 MEMBER_ARGUMENTS = {"packed_split": PACKED_SPLITS}
 

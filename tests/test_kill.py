@@ -302,6 +302,36 @@ def test_kill__preprocess_rerun_is_complete_and_identical(
     assert_clean(workspace)
 
 
+def _rendering(root: Path) -> list[str] | None:
+    """The fetch staging folders once the render has written a first view into one."""
+    staged = staged_in(root, "data/raw")
+    if staged and any(next((root / s).rglob("*.png"), None) for s in staged):
+        return staged
+    return None
+
+
+def test_kill__fetch_synthetic_render_rerun_is_byte_identical(
+    reference: Path, workspace: Path, tmp_path: Path
+) -> None:
+    """SIGKILL while fetch renders the embedded data: the re-run renders it again from
+    scratch, byte for byte the reference's (its md5s in dvc.lock), and sweeps the leftovers."""
+    staged = kill_stage_part_way(
+        workspace,
+        "fetch",
+        lambda: _rendering(workspace),
+        what="a rendered view in a staging folder of data/raw",
+        log=tmp_path / "killed.log",
+        interval=0.001,
+    )
+    assert staged_in(workspace, "data/raw"), f"the kill left nothing to clean: {staged}"
+
+    output = dvc(*forced("fetch"), cwd=workspace)
+    assert ran(output) == {"fetch"}, output[-3000:]
+    assert_complete(workspace, "fetch")
+    assert _lock_outs(workspace, "fetch") == _lock_outs(reference, "fetch")
+    assert_clean(workspace)
+
+
 def _finished_checkpoint(workdirs: Path, pattern: str) -> Path | None:
     """A checkpoint matching ``pattern`` under ``workdirs`` that is complete: torch.save's zip
     ends with its central directory, the last bytes written."""

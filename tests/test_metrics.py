@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from depthpipe.metrics import average_metrics, depth_metrics
+from depthpipe.metrics import aligned_metrics, average_metrics, depth_metrics
 
 
 def test_depth_metrics__hand_computed_with_masked_pixel() -> None:
@@ -48,3 +48,33 @@ def test_average_metrics__per_image_not_per_pixel() -> None:
     small = depth_metrics(np.array([2.0]), np.array([1.0]), np.array([True]))  # abs_rel 1
     big = depth_metrics(np.ones(100), np.ones(100), np.ones(100, dtype=bool))  # abs_rel 0
     assert average_metrics([small, big])["abs_rel"] == pytest.approx(0.5)  # not 1/101
+
+
+def test_aligned_metrics__a_pure_scale_error_vanishes() -> None:
+    gt = np.linspace(2.0, 80.0, 200).reshape(10, 20)
+    valid = np.ones_like(gt, dtype=bool)
+    twice = 2.0 * gt
+    assert depth_metrics(twice, gt, valid)["abs_rel"] == pytest.approx(1.0)
+    aligned = aligned_metrics(twice, gt, valid)
+    assert aligned["abs_rel_aligned"] == pytest.approx(0.0, abs=1e-12)
+    assert aligned["delta1_aligned"] == pytest.approx(1.0)
+
+
+def test_aligned_metrics__a_structure_error_stays() -> None:
+    """A flat prediction (one depth everywhere) at the median scale still misses the layout."""
+    gt = np.array([[1.0, 2.0, 4.0, 8.0, 16.0]])
+    valid = np.ones_like(gt, dtype=bool)
+    aligned = aligned_metrics(np.full_like(gt, 100.0), gt, valid)
+    # scaled to the median 4 m: |4 - d| / d = 3, 1, 0, 0.5, 0.75
+    assert aligned["abs_rel_aligned"] == pytest.approx((3 + 1 + 0 + 0.5 + 0.75) / 5)
+    assert aligned["delta1_aligned"] == pytest.approx(1 / 5)
+
+
+def test_aligned_metrics__only_valid_pixels_set_the_scale() -> None:
+    gt = np.array([[10.0, 10.0, 0.0]])
+    pred = np.array([[5.0, 5.0, 1000.0]])
+    valid = np.array([[True, True, False]])
+    aligned = aligned_metrics(pred, gt, valid)
+    assert aligned["abs_rel_aligned"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="no valid pixel"):
+        aligned_metrics(pred, gt, np.zeros_like(valid))

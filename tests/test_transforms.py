@@ -7,7 +7,14 @@ import torch
 
 from depthpipe.config import DepthConfig, FinetuneAugment, load_params
 from depthpipe.losses import depth_loss
-from depthpipe.transforms import DepthAugment, affine_theta, scale_crop_depth, warp
+from depthpipe.transforms import (
+    DepthAugment,
+    affine_theta,
+    crop_size,
+    mirror,
+    scale_crop_depth,
+    warp,
+)
 from tests.helpers import REPO
 
 PARAMS = load_params(REPO / "params.yaml")
@@ -15,8 +22,8 @@ DEPTH = PARAMS.depth
 
 
 def _augment(**changes: object) -> FinetuneAugment:
-    """The committed augmentation params with ``changes``."""
-    return PARAMS.finetune.augment.model_copy(update=changes)
+    """The committed augmentation params as the tutorial's resized crop, with ``changes``."""
+    return PARAMS.finetune.augment.model_copy(update={"geometry": "resized_crop", **changes})
 
 
 def _sample(height: int = 30, width: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -118,3 +125,61 @@ def test_augment__mse_sees_the_scaled_depth() -> None:
     at_twenty = depth_loss("mse", torch.full_like(depth, math.log(20.0)), depth, valid)
     assert at_ten is not None and float(at_ten) < 1e-8
     assert at_twenty is not None and float(at_twenty) == pytest.approx(100.0, rel=1e-5)
+
+
+def _windows(source: torch.Tensor, height: int, width: int) -> list[torch.Tensor]:
+    """Every window of ``height`` x ``width`` of a (C, H, W) tensor, and their mirrors."""
+    _, full_h, full_w = source.shape
+    found = []
+    for top in range(full_h - height + 1):
+        for left in range(full_w - width + 1):
+            window = source[:, top : top + height, left : left + width]
+            found += [window, window.flip(-1)]
+    return found
+
+
+def test_crop__a_window_at_scale_one_with_the_sources_own_depths() -> None:
+    """BTS's crop: no rotation, each output is exactly one window of the source (or its
+    mirror), image, depth and mask from the same place, every depth unchanged."""
+    cfg = _augment(geometry="crop", rotation_degrees=0.0, crop_side=0.75, hflip_prob=0.5)
+    augment = DepthAugment(cfg, DEPTH, generator=torch.Generator().manual_seed(3))
+    source = _sample(height=12, width=16)
+    stacked = torch.cat([source["image"], source["depth"], source["mask"].float()])
+    windows = _windows(stacked, 9, 12)
+    flipped = 0
+    for _ in range(20):
+        out = augment(source)
+        assert out["image"].shape == (3, 9, 12) and out["mask"].shape == (1, 9, 12)
+        got = torch.cat([out["image"], out["depth"], out["mask"].float()])
+        matches = [i for i, window in enumerate(windows) if torch.equal(window, got)]
+        assert matches, "the crop is no window of the source"
+        flipped += matches[0] % 2
+    assert 0 < flipped < 20  # both mirrored and plain windows drawn
+
+
+def test_crop__rotation_marks_corners_invalid_and_keeps_the_plane_depth() -> None:
+    plane = _sample(height=30, width=40)
+    plane["mask"][:] = True
+    plane["depth"][:] = 12.0
+    cfg = _augment(geometry="crop", rotation_degrees=20.0, crop_side=1.0, hflip_prob=0.0)
+    augment = DepthAugment(cfg, DEPTH, generator=torch.Generator().manual_seed(0))
+    outs = [augment(plane) for _ in range(10)]
+    assert any(not out["mask"].all() for out in outs)  # a rotation leaves invalid corners
+    for out in outs:
+        assert torch.all(out["depth"][out["mask"]] == 12.0)  # no depth is rescaled
+
+
+def test_crop_size__keeps_the_aspect_ratio() -> None:
+    assert crop_size(48, 64, 0.75) == (36, 48)
+    assert crop_size(48, 64, 1.0) == (48, 64)
+
+
+def test_flip__mirror_or_nothing() -> None:
+    source = _sample()
+    always = DepthAugment(_augment(geometry="flip", hflip_prob=1.0), DEPTH)
+    never = DepthAugment(_augment(geometry="flip", hflip_prob=0.0), DEPTH)
+    mirrored, kept = always(source), never(source)
+    for key in ("image", "depth", "mask"):
+        assert torch.equal(mirrored[key], source[key].flip(-1))
+        assert torch.equal(kept[key], source[key])
+        assert torch.equal(mirror(mirror(source))[key], source[key])

@@ -36,6 +36,8 @@ DOWNLOADING_METHODS = ("distillation", "distillationv1", "distillationv2", "dino
 # DIODE's two domains, spelled as its folders are ("indoors" has an s, "outdoor" has none).
 DiodeDomain = Literal["outdoor", "indoors"]
 MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
+# Metres: the embedded data's scanner gives no return beyond it (depthpipe.data.synthetic).
+SYNTHETIC_SCANNER_RANGE = 350.0
 
 
 def _between(lo: float, hi: float) -> Any:
@@ -204,6 +206,19 @@ class TrainerConfig(Section):
     num_workers: Annotated[int, _between(0, 256)]  # loader processes per device
 
 
+def split_batch(section: Any, name: str) -> Any:
+    """A global batch_size must split evenly over the processes (devices x num_nodes): each
+    loads an equal share, so a world size never changes the steps or what one step sees."""
+    t = section.trainer
+    processes = t.devices * t.num_nodes
+    if section.batch_size % processes:
+        raise ValueError(
+            f"{name}.batch_size {section.batch_size} is global and must be a multiple of "
+            f"{name}.trainer devices {t.devices} x num_nodes {t.num_nodes} = {processes}"
+        )
+    return section
+
+
 class PretrainConfig(Section):
     method: str
     epochs: Annotated[int, _between(1, 100000)]
@@ -215,6 +230,10 @@ class PretrainConfig(Section):
     lr: Annotated[float, _between(1e-8, 10.0)]
     trainer: TrainerConfig
     presets: dict[str, AugPreset]
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> PretrainConfig:
+        return split_batch(self, "pretrain")
 
     @field_validator("method")
     @classmethod
@@ -242,14 +261,26 @@ class PretrainConfig(Section):
         return presets
 
 
+# The geometric augmentation of fine-tuning (depthpipe.transforms):
+# resized_crop: rotation + random resized crop, the tutorial's (depth scaled with scale_depth);
+# crop: rotation + a fixed-size crop shown at its own scale (BTS, AdaBins: no resize, so the
+#       depth of every pixel stays true); flip: left-right mirror only (Depth Anything V2 metric).
+AugmentGeometry = Literal["resized_crop", "crop", "flip"]
+
+
 class FinetuneAugment(Section):
     """Training-only augmentation, the same for every encoder: the tutorial's, depth-correct."""
 
-    rotation_degrees: Annotated[float, _between(0.0, 45.0)]
-    crop_scale_min: Annotated[float, _between(0.01, 1.0)]  # crop area as a fraction
+    geometry: AugmentGeometry
+    rotation_degrees: Annotated[float, _between(0.0, 45.0)]  # resized_crop and crop
+    crop_scale_min: Annotated[float, _between(0.01, 1.0)]  # resized_crop: area fraction
     crop_scale_max: Annotated[float, _between(0.01, 1.0)]
-    # true: a crop magnified k times has its depth divided by k (the view from a camera k times
-    # closer); false: the tutorial's crop, which keeps the depth and so contradicts the image.
+    # crop: side of the crop as a fraction of the training image's side (both sides, so the
+    # aspect ratio stays); the network trains on crops and predicts on whole images.
+    crop_side: Annotated[float, _between(0.25, 1.0)]
+    # resized_crop: true: a crop magnified k times has its depth divided by k (the view from a
+    # camera k times closer); false: the tutorial's crop, which keeps the depth and so
+    # contradicts the image.
     scale_depth: bool
     hflip_prob: Probability
 
@@ -262,7 +293,7 @@ class FinetuneAugment(Section):
 
 class FinetuneConfig(Section):
     epochs: Annotated[int, _between(1, 100000)]
-    batch_size: Annotated[int, _between(1, 1 << 16)]  # per device
+    batch_size: Annotated[int, _between(1, 1 << 16)]  # global, all devices (as pretrain's)
     loss: Literal["silog", "l1_log", "mse"]
     optimizer: Literal["adamw", "adam", "sgd"]
     lr: Annotated[float, _between(1e-8, 10.0)]  # peak learning rate under one_cycle
@@ -273,6 +304,10 @@ class FinetuneConfig(Section):
     freeze_encoder: bool
     augment: FinetuneAugment
     trainer: TrainerConfig
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> FinetuneConfig:
+        return split_batch(self, "finetune")
 
 
 class EvaluateConfig(Section):
@@ -315,6 +350,19 @@ class Params(Section):
                 f"preprocess.val_fraction {self.preprocess.val_fraction} of "
                 f"data.synthetic.train_scenes {scenes} holds out {held_out} scene(s): the "
                 "train and validation splits each need at least one scene"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _synthetic_depths_in_range(self) -> Params:
+        # The renderer's scanner returns depths up to SYNTHETIC_SCANNER_RANGE; a valid range
+        # that starts beyond it leaves every split, validation and test included, without a
+        # valid pixel. Said here, before fetch renders anything.
+        if self.data.source == "synthetic" and self.depth.min_depth >= SYNTHETIC_SCANNER_RANGE:
+            raise ValueError(
+                f"depth.min_depth {self.depth.min_depth} is beyond the synthetic scanner's "
+                f"range ({SYNTHETIC_SCANNER_RANGE} m) with data.source synthetic: the "
+                "validation and test splits would have no valid pixel"
             )
         return self
 

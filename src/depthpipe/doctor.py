@@ -12,7 +12,13 @@ downloading anything, one PASS/WARN/FAIL line per check:
   cache) an estimate of what is still to be written there against the free space of its
   filesystem (places sharing a filesystem are added up);
 - ``remote``: the default DVC remote takes a small probe object (written, read back, deleted);
-- ``raw data``: data/raw's state (its fetch report against the params, or not fetched yet).
+- ``raw data``: data/raw's state (its fetch report against the params, or not fetched yet);
+- ``leader``: the project's leader lock (depthpipe.distributed) is free or this job's, and the
+  filesystem gives file locks at all;
+- ``dvc site``: multi-node params only: DVC's hash cache (``core.site_cache_dir``) on the
+  project's filesystem, and ``core.hardlink_lock`` on a network filesystem;
+- ``cpus``: inside a SLURM job, whether ``srun`` hands each task ``--cpus-per-task``
+  (``SRUN_CPUS_PER_TASK``; Slurm 22.05+ no longer passes it on by itself).
 
 Exit status 1 when any line is FAIL, else 0. Every check is a function returning ``Check``s, so
 each can be tested on its own.
@@ -33,6 +39,13 @@ from typing import Any, Literal
 from depthpipe.config import DataConfig, Params, TrainerConfig, load_params
 from depthpipe.data import local, official
 from depthpipe.data.download import free_bytes, human_size
+from depthpipe.distributed import (
+    held_by_my_job,
+    holder_text,
+    read_holder,
+    slurm_manages,
+    try_lock,
+)
 from depthpipe.errors import ConfigError, DepthpipeError
 from depthpipe.hardware import resolve_precision
 from depthpipe.paths import (
@@ -79,7 +92,7 @@ REMOTE_TIMEOUT_S = 60.0
 @dataclass(frozen=True)
 class Check:
     status: Status
-    topic: str  # params, accelerator, precision, devices, disk, remote, raw data
+    topic: str  # params, accelerator, precision, devices, disk, remote, raw data, leader, ...
     message: str
 
     def line(self) -> str:
@@ -556,6 +569,119 @@ def raw_data_check(params: Params, paths: ProjectPaths) -> Check:
     return Check("PASS", "raw data", f"{fetched}, as params say")
 
 
+# --- running on a cluster ---------------------------------------------------------------------
+
+# Filesystems whose files every node sees: DVC's docs advise core.hardlink_lock on them (its
+# default lock is not reliable there), and a hash cache on a node-local disk is lost on them.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse")
+
+
+def leader_check(paths: ProjectPaths, env: dict[str, str] | None = None) -> Check:
+    """Whether this run may lead the project: its lock is free (taken and let go at once) or
+    held by the job this runs in, on a filesystem that gives file locks."""
+    lock = paths.leader_lock
+    if held_by_my_job(lock, env):
+        return Check("PASS", "leader", f"{_label(lock, paths.root)}: held by this job")
+    try:
+        fd = try_lock(lock)
+    except DepthpipeError as error:
+        return Check("FAIL", "leader", str(error))
+    except OSError as error:
+        return Check("FAIL", "leader", f"{lock}: cannot open the lock file: {error.strerror}")
+    if fd is None:
+        holder = holder_text(read_holder(lock))
+        return Check("FAIL", "leader", f"the project is held by {holder}: wait or cancel it")
+    os.close(fd)
+    return Check("PASS", "leader", f"{_label(lock, paths.root)}: free; file locks work here")
+
+
+def filesystem_type(path: Path) -> str:
+    """The type /proc/mounts gives the filesystem holding ``path`` ("" when unknown)."""
+    point = str(mount_point(path))
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    types = {fields[1]: fields[2] for fields in (m.split() for m in mounts) if len(fields) > 2}
+    return types.get(point, "")
+
+
+def site_checks(
+    params: Params, root: Path, site_cache_dir: Path, fstype: str, hardlink_lock: bool
+) -> list[Check]:
+    """DVC settings a multi-node project needs (nothing to say for a one-node one)."""
+    if max(params.pretrain.trainer.num_nodes, params.finetune.trainer.num_nodes) == 1:
+        return [Check("PASS", "dvc site", "one node: DVC's node-local defaults are right")]
+    checks = []
+    if same_filesystem(site_cache_dir, root):
+        checks.append(
+            Check("PASS", "dvc site", f"core.site_cache_dir {site_cache_dir}: beside the project")
+        )
+    else:
+        checks.append(
+            Check(
+                "WARN",
+                "dvc site",
+                f"core.site_cache_dir {site_cache_dir} is on another filesystem than the project "
+                "(node-local by default): a job on another node hashes every output again "
+                "(hours at full scale); set `dvc config --local core.site_cache_dir "
+                "<a folder on the shared filesystem>`",
+            )
+        )
+    network = fstype.split(".")[0] in NETWORK_FILESYSTEMS
+    if network and not hardlink_lock:
+        checks.append(
+            Check(
+                "WARN",
+                "dvc site",
+                f"the project is on {fstype}, where DVC's docs advise hard-link locks: set "
+                "`dvc config core.hardlink_lock true`",
+            )
+        )
+    else:
+        how = "on" if hardlink_lock else f"not needed on {fstype or 'this filesystem'}"
+        checks.append(Check("PASS", "dvc site", f"core.hardlink_lock: {how}"))
+    return checks
+
+
+def cpus_check(params: Params, env: dict[str, str]) -> Check:
+    """Inside a SLURM batch job: does srun give each task the job's --cpus-per-task?"""
+    if not slurm_manages(env):
+        return Check("PASS", "cpus", "not in a SLURM job: each process uses this node's cores")
+    wanted = max(params.pretrain.trainer.num_workers, params.finetune.trainer.num_workers) + 1
+    per_task = env.get("SRUN_CPUS_PER_TASK") or env.get("SLURM_CPUS_PER_TASK")
+    if not per_task:
+        return Check(
+            "FAIL",
+            "cpus",
+            f"the job gives no --cpus-per-task: each training task gets 1 core, its trainer "
+            f"and num_workers want {wanted}; add #SBATCH --cpus-per-task={wanted}",
+        )
+    if "SRUN_CPUS_PER_TASK" not in env:
+        return Check(
+            "FAIL",
+            "cpus",
+            f"SRUN_CPUS_PER_TASK is not set: since Slurm 22.05 srun does not pass on the job's "
+            f"--cpus-per-task={per_task}, so each task gets 1 core; export "
+            "SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK (launch/slurm.sbatch does)",
+        )
+    if int(per_task) < wanted:
+        return Check(
+            "WARN",
+            "cpus",
+            f"{per_task} CPUs per task, but the trainer and num_workers want {wanted}",
+        )
+    return Check("PASS", "cpus", f"srun gives each task {per_task} CPUs ({wanted} wanted)")
+
+
+def dvc_site(root: Path) -> tuple[Path, bool]:
+    """DVC's site cache folder (its hash cache) and core.hardlink_lock."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return Path(repo.site_cache_dir), bool(repo.config["core"].get("hardlink_lock", False))
+
+
 # --- the whole check ------------------------------------------------------------------------
 
 
@@ -592,6 +718,15 @@ def run_checks(root: Path) -> list[Check]:
     else:
         checks += disk_checks(disk_places(params, paths, cache_dir, link))
     checks += [remote_check(paths.root), raw_data_check(params, paths)]
+    checks.append(leader_check(paths))
+    try:
+        site_cache_dir, hardlink_lock = dvc_site(paths.root)
+    except Exception as error:  # no DVC project: said by the disk line already
+        checks.append(Check("FAIL", "dvc site", f"cannot open the DVC project: {error}"))
+    else:
+        fstype = filesystem_type(paths.root)
+        checks += site_checks(params, paths.root, site_cache_dir, fstype, hardlink_lock)
+    checks.append(cpus_check(params, dict(os.environ)))
     return checks
 
 

@@ -18,6 +18,18 @@ class ConfigError(DepthpipeError):
     """A value in params.yaml is unknown, of the wrong type or out of range."""
 
 
+# 128 + SIGTERM's number: what a shell reports for a process the signal ended.
+TERMINATED_STATUS = 143
+
+
+class Terminated(BaseException):
+    """The stage was sent SIGTERM (a job's time limit, scancel): it stops without publishing.
+
+    A BaseException like KeyboardInterrupt, so no ``except Exception`` swallows it and every
+    staged output is removed on the way out (depthpipe.atomic).
+    """
+
+
 def reason(error: BaseException, path: Path) -> str:
     """``error``'s message with ``path`` shortened to its name (PIL quotes the whole path): the
     reasons go into DVC outputs, which must not depend on where the project folder is."""
@@ -34,3 +46,7 @@ def run_cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted: partial outputs were removed", file=sys.stderr)
         sys.exit(130)
+    except Terminated as stop:
+        # Non-zero: a launcher script must not go on to record (dvc commit) what was not made.
+        print(f"terminated: {stop}", file=sys.stderr)
+        sys.exit(TERMINATED_STATUS)

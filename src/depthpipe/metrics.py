@@ -4,6 +4,12 @@ d = ground truth, p = prediction over valid pixels, g = ln p - ln d:
 abs_rel = mean(|p - d| / d), sq_rel = mean((p - d)^2 / d), rmse = sqrt(mean((p - d)^2)),
 rmse_log = sqrt(mean(g^2)), log10 = mean(|log10 p - log10 d|),
 silog = 100 sqrt(mean(g^2) - mean(g)^2), delta_k = fraction with max(p/d, d/p) < 1.25^k.
+
+Scale-aligned metrics (``*_aligned``) score the prediction times median(d / p) over the image's
+valid pixels (Monodepth2's protocol, clipped to the valid range afterwards): what is left is the
+error of the depth map's structure, with the global scale error taken out. Read beside the
+metric ones they tell a network that has the layout right at the wrong scale from one that has
+the layout wrong.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ METRIC_NAMES = (
     "delta2",
     "delta3",
 )
+ALIGNED_METRIC_NAMES = ("abs_rel_aligned", "delta1_aligned")
 # For each metric: is a higher value better? (the deltas are accuracies, the rest errors)
-HIGHER_IS_BETTER = {name: name.startswith("delta") for name in METRIC_NAMES}
+HIGHER_IS_BETTER = {
+    name: name.startswith("delta") for name in (*METRIC_NAMES, *ALIGNED_METRIC_NAMES)
+}
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -43,14 +52,10 @@ def sanitise_prediction(pred: torch.Tensor, min_depth: float, max_depth: float) 
     return pred.clamp(min_depth, max_depth)
 
 
-def depth_metrics(
-    pred: ArrayLike,
-    gt: ArrayLike,
-    valid: ArrayLike,
-    min_depth: float = 0.6,
-    max_depth: float = 350.0,
-) -> dict[str, float]:
-    """Metrics of one image over ``valid`` pixels (bool, same shape as ``gt``).
+def valid_pairs(
+    pred: ArrayLike, gt: ArrayLike, valid: ArrayLike, min_depth: float, max_depth: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, ground truth) over the valid pixels, float64, the prediction sanitised.
 
     Raises ValueError when no pixel is valid: such an image has no score (the caller decides
     whether to skip it), it must not become a 0 or a NaN in an average.
@@ -64,8 +69,38 @@ def depth_metrics(
     mask = mask & torch.isfinite(d) & (d > 0)
     if not bool(mask.any()):
         raise ValueError("no valid pixel")
-    p = sanitise_prediction(p[mask], min_depth, max_depth)
-    d = d[mask]
+    return sanitise_prediction(p[mask], min_depth, max_depth), d[mask]
+
+
+def depth_metrics(
+    pred: ArrayLike,
+    gt: ArrayLike,
+    valid: ArrayLike,
+    min_depth: float = 0.6,
+    max_depth: float = 350.0,
+) -> dict[str, float]:
+    """Metrics of one image over ``valid`` pixels (bool, same shape as ``gt``); ValueError when
+    none is valid (``valid_pairs``)."""
+    p, d = valid_pairs(pred, gt, valid, min_depth, max_depth)
+    return _metrics_of_pairs(p, d)
+
+
+def aligned_metrics(
+    pred: ArrayLike,
+    gt: ArrayLike,
+    valid: ArrayLike,
+    min_depth: float = 0.6,
+    max_depth: float = 350.0,
+) -> dict[str, float]:
+    """``abs_rel_aligned`` and ``delta1_aligned`` of one image: the prediction multiplied by
+    median(gt / pred) over the valid pixels, clipped to the valid range, then scored."""
+    p, d = valid_pairs(pred, gt, valid, min_depth, max_depth)
+    scale = torch.median(d / p)
+    scored = _metrics_of_pairs((p * scale).clamp(min_depth, max_depth), d)
+    return {f"{name}_aligned": scored[name] for name in ("abs_rel", "delta1")}
+
+
+def _metrics_of_pairs(p: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
     g = torch.log(p) - torch.log(d)
     ratio = torch.maximum(p / d, d / p)
     silog_var = (g.pow(2).mean() - g.mean().pow(2)).clamp_min(0.0)
@@ -84,7 +119,8 @@ def depth_metrics(
 
 
 def average_metrics(per_image: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over images (the DIODE devkit's convention: every image weighs the same)."""
+    """Mean over images of every metric they carry (the DIODE devkit's convention: every image
+    weighs the same)."""
     if not per_image:
         raise ValueError("no image to average")
-    return {name: math.fsum(m[name] for m in per_image) / len(per_image) for name in METRIC_NAMES}
+    return {name: math.fsum(m[name] for m in per_image) / len(per_image) for name in per_image[0]}

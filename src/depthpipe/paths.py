@@ -85,6 +85,16 @@ class ProjectPaths:
         return self.root / ".depthpipe" / "fetch"
 
     @property
+    def leader_lock(self) -> Path:
+        """The lock one leader (a job, or a training stage outside one) holds on the project;
+        the file's text names the holder (depthpipe.distributed)."""
+        return self.root / ".depthpipe" / "leader.lock"
+
+    def training_workdirs(self, stage: str) -> Path:
+        """The folder of a training stage's working folders (pretrain_workdir, finetune_workdir)."""
+        return self.root / ".depthpipe" / stage
+
+    @property
     def raw_diode(self) -> Path:
         return self.root / "data" / "raw" / "diode"
 

@@ -1,5 +1,12 @@
 """Paired RGB/depth/mask augmentation for fine-tuning, made depth-correct.
 
+``finetune.augment.geometry`` picks one of three geometries, measured against each other in
+docs/experiments.md: ``resized_crop`` (the tutorial's, below), ``crop`` (BTS and AdaBins: a
+fixed-size window at the image's own scale, so no depth is ever rescaled) and ``flip`` (Depth
+Anything V2's metric fine-tuning: a left-right mirror only). All three keep the camera's
+magnification or change it with a consistent depth; a mirror and a crop at scale one never
+change a depth.
+
 The tutorial's augmentation (rotation within 15 degrees, random resized crop with area 0.2-0.9,
 horizontal flip) applied to a concatenated RGB+depth tensor with bilinear sampling and a square
 output. Here the same geometry is one affine warp per sample, with three differences that keep
@@ -86,8 +93,24 @@ def scale_crop_depth(sample: Batch, side_fraction: float, depth_range: DepthConf
     return {**sample, "depth": torch.where(mask, depth, torch.zeros_like(depth)), "mask": mask}
 
 
+def crop_window(sample: Batch, top: int, left: int, height: int, width: int) -> Batch:
+    """The same window of image, depth and mask, no resampling (depths stay true)."""
+    rows, cols = slice(top, top + height), slice(left, left + width)
+    return {key: value[:, rows, cols] for key, value in sample.items()}
+
+
+def mirror(sample: Batch) -> Batch:
+    """Left-right mirror of image, depth and mask (exact: no resampling)."""
+    return {key: value.flip(-1) for key, value in sample.items()}
+
+
+def crop_size(height: int, width: int, side: float) -> tuple[int, int]:
+    """(height, width) of a ``side``-fraction crop, at least one pixel each."""
+    return max(1, round(height * side)), max(1, round(width * side))
+
+
 class DepthAugment:
-    """Random rotation + aspect-preserving random resized crop + horizontal flip, per sample.
+    """Per-sample geometric augmentation of ``cfg.geometry`` (see the module docstring).
 
     Draws from its own ``torch.Generator`` when given one (reproducible in a single process);
     in DataLoader workers the global torch RNG is seeded per worker by Lightning.
@@ -107,6 +130,29 @@ class DepthAugment:
         return lo + (hi - lo) * float(torch.rand((), generator=self.generator))
 
     def __call__(self, sample: Batch) -> Batch:
+        if self.cfg.geometry == "flip":
+            return self._flip(sample)
+        if self.cfg.geometry == "crop":
+            return self._crop(sample)
+        return self._resized_crop(sample)
+
+    def _flip(self, sample: Batch) -> Batch:
+        return mirror(sample) if self._uniform(0.0, 1.0) < self.cfg.hflip_prob else sample
+
+    def _crop(self, sample: Batch) -> Batch:
+        """Rotation about the centre (corners invalid), then a window at scale one, then a
+        mirror: the crop's pixels keep their rays' depths, as a camera with a shifted
+        principal point would see them."""
+        _, height, width = sample["image"].shape
+        angle = math.radians(self._uniform(-self.cfg.rotation_degrees, self.cfg.rotation_degrees))
+        if angle != 0.0:
+            sample = warp(sample, affine_theta(height, width, angle, 1.0, (0.0, 0.0), False))
+        crop_h, crop_w = crop_size(height, width, self.cfg.crop_side)
+        top = min(height - crop_h, int(self._uniform(0.0, height - crop_h + 1)))
+        left = min(width - crop_w, int(self._uniform(0.0, width - crop_w + 1)))
+        return self._flip(crop_window(sample, top, left, crop_h, crop_w))
+
+    def _resized_crop(self, sample: Batch) -> Batch:
         _, height, width = sample["image"].shape
         angle = math.radians(self._uniform(-self.cfg.rotation_degrees, self.cfg.rotation_degrees))
         scale = math.sqrt(self._uniform(self.cfg.crop_scale_min, self.cfg.crop_scale_max))

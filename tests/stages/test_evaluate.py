@@ -41,6 +41,8 @@ def test_evaluate__writes_fixed_keys_and_pictures(
         "delta1",
         "delta2",
         "delta3",
+        "abs_rel_aligned",
+        "delta1_aligned",
     }
     assert set(report["encoder"]) == set(report["scratch"]) == set(report["prior"]) == names
     assert set(report["improvement"]) == {
@@ -67,9 +69,11 @@ def test_evaluate__writes_fixed_keys_and_pictures(
     rows = paths.evaluate_per_image.read_text().splitlines()
     header = rows[0].split(",")
     assert header[:2] == ["image", "scan"] and len(rows) == 1 + 3
-    column = header.index("encoder_abs_rel")
-    per_image = [float(row.split(",")[column]) for row in rows[1:]]
-    assert sum(per_image) / 3 == pytest.approx(report["encoder"]["abs_rel"], rel=1e-4)
+    for model in ("encoder", "scratch", "prior"):
+        for metric in ("abs_rel", "delta1", "abs_rel_aligned", "delta1_aligned"):
+            column = header.index(f"{model}_{metric}")
+            per_image = [float(row.split(",")[column]) for row in rows[1:]]
+            assert sum(per_image) / 3 == pytest.approx(report[model][metric], rel=1e-4, abs=1e-6)
     enc, base = report["encoder"]["abs_rel"], report["scratch"]["abs_rel"]
     assert report["improvement"]["abs_rel"] == pytest.approx((base - enc) / base)
     images = paths.evaluate_live / "plots" / "images"

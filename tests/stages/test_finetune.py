@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from depthpipe.config import load_params
 from depthpipe.data.packed import PackedDepthDataset
+from depthpipe.distributed import DONE_MARKER
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError
 from depthpipe.model import load_finetuned
@@ -146,7 +147,11 @@ def test_finetune__short_run_lowers_validation_loss(project: Path) -> None:
 
 
 @pytest.mark.slow
-def test_finetune__two_processes_ddp_on_cpu(project: Path) -> None:
+def test_finetune__two_processes_ddp_on_cpu(project: Path, tmp_path: Path) -> None:
+    """2-process DDP over gloo, and the same params in one process: finetune.batch_size is
+    global, so both take the same optimiser steps (6 train samples, batch 4: 2 per epoch)."""
+    one = copy_project(project, tmp_path / "one")
+    write_params(one, {"finetune": {"epochs": 1}})
     write_params(project, {"finetune": {"epochs": 1, "trainer": {"devices": 2, "strategy": "ddp"}}})
     result = run_module("depthpipe.stages.finetune", "scratch", cwd=project)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,6 +161,17 @@ def test_finetune__two_processes_ddp_on_cpu(project: Path) -> None:
     assert json.loads((paths.finetune_live("scratch") / "metrics.json").read_text())["val"]
     leftovers = [p for p in paths.finetune_dir("scratch").parent.iterdir() if p.name[0] == "."]
     assert leftovers == []
+    two = _summary(project)
+    one_paths = project_paths(one)
+    single = finetune.run(load_params(one_paths.params), one_paths, "scratch")
+    assert (two["world_size"], single["world_size"]) == (2, 1)
+    assert two["batch_size"] == single["batch_size"] == 4
+    assert two["optimizer_steps"] == single["optimizer_steps"] == 2
+    train_steps = [
+        _steps(_curves(project_paths(r).finetune_live("scratch"))[TRAIN_CURVE])
+        for r in (project, one)
+    ]
+    assert train_steps[0] == train_steps[1]  # the logged step of each epoch's point, too
 
 
 # -- a run killed part-way ---------------------------------------------------------------------
@@ -164,6 +180,7 @@ def test_finetune__two_processes_ddp_on_cpu(project: Path) -> None:
 # start of epoch 1: the resumed run must redo epoch 1 without logging it twice, then go on.
 RESUME_EPOCHS = 3
 VAL_CURVE = Path("plots", "metrics", "val", "abs_rel.tsv")
+TRAIN_CURVE = "plots/metrics/train/loss.tsv"
 
 
 @dataclass(frozen=True)
@@ -265,8 +282,13 @@ def _summary(root: Path) -> dict:
 
 @pytest.mark.slow
 def test_finetune__killed_run_resumes_and_ends_as_the_uninterrupted_run(
-    interrupted: Interrupted, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    interrupted: Interrupted,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Run as DVC runs it: DVC records the outputs as it exits, so the folder goes at once.
+    monkeypatch.setenv("DVC_STAGE", "finetune@scratch")
     # Another path than the killed run's: Lightning's checkpoint holds absolute paths.
     project = copy_project(interrupted.project, tmp_path / "p")
     [workdir] = _workdirs(project)
@@ -287,6 +309,8 @@ def test_finetune__killed_run_resumes_and_ends_as_the_uninterrupted_run(
 def test_finetune__changed_params_start_clean(
     interrupted: Interrupted, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Also: outside DVC (a launcher) the finished folder stays, marked done, until `python -m
+    depthpipe.distributed prune` after `dvc commit`; a re-run before that exports it again."""
     project = copy_project(interrupted.project, tmp_path / "p")
     [stale] = _workdirs(project)
     # A shorter run keeps the test short; test_run_key shows lr alone changes the key.
@@ -296,7 +320,58 @@ def test_finetune__changed_params_start_clean(
     assert "finetune@scratch: resumed" not in capsys.readouterr().out
     assert summary["resumed"] is False and summary["run_key"] != stale.name[len("scratch-") :]
     assert summary["epochs"] == 1
-    assert _workdirs(project) == []  # the stale folder too
+    [done] = _workdirs(project)  # the stale folder is gone; the finished one waits for dvc
+    assert done != stale and not stale.exists()
+    assert json.loads((done / DONE_MARKER).read_text()) == summary
+    model = paths.finetune_dir("scratch") / "model.pt"
+    first_bytes = model.read_bytes()
+    model.unlink()  # a kill between the export and dvc commit: the outputs are not recorded
+    again = finetune.run(load_params(paths.params), paths, "scratch")
+    assert again == summary and model.read_bytes() == first_bytes  # exported, not retrained
+
+
+@pytest.mark.slow
+def test_finetune__sigterm_exits_non_zero_leaving_no_output_to_record(
+    scratch_project: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (a job's time limit, scancel) after the first resume point: Lightning alone would
+    exit 0. The stage exits 143, and neither its outputs nor the stale ones of earlier params are
+    there for `dvc commit --force` to record; the resume point stays for the next run."""
+    project = copy_project(scratch_project, tmp_path / "p")
+    write_params(project, {"finetune": {"epochs": 3}})
+    paths = project_paths(project)
+    stale = paths.finetune_dir("scratch") / "model.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"weights of other params")
+    (paths.finetune_live("scratch")).mkdir(parents=True)
+    log = tmp_path / "finetune.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "depthpipe.stages.finetune", "scratch"],
+            cwd=project,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while process.poll() is None and time.monotonic() < deadline:
+            if any((w / "resume" / "last.ckpt").is_file() for w in _workdirs(project)):
+                process.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+        status = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert status == 143, text[-3000:]
+    assert "terminated: SIGTERM" in text
+    assert not paths.finetune_dir("scratch").exists()
+    assert not paths.finetune_live("scratch").exists()
+    [workdir] = _workdirs(project)
+    assert (workdir / "resume" / "last.ckpt").is_file()
+    assert not (workdir / DONE_MARKER).exists()
 
 
 def test_run_key__follows_params_encoder_and_data(project: Path) -> None:

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from depthpipe.config import load_params
+from depthpipe.distributed import DONE_MARKER
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError
 from depthpipe.paths import project_paths
@@ -28,9 +32,15 @@ def _workdirs(root: Path, preset: str) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_pretrain__exports_strict_encoder_and_dvclive(project: Path) -> None:
+def test_pretrain__exports_strict_encoder_and_dvclive(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     paths = project_paths(project)
+    stale = paths.encoder_dir("aggressive") / "from-other-params.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     stats = pretrain.run(load_params(paths.params), paths, "aggressive")
+    assert not stale.exists()  # outputs are discarded first, as dvc repro does
     assert stats["resumed"] is False and stats["images"] == 8
     encoder = load_encoder("resnet18", paths.encoder_file("aggressive"))
     assert sum(p.numel() for p in encoder.parameters()) > 11_000_000
@@ -41,7 +51,58 @@ def test_pretrain__exports_strict_encoder_and_dvclive(project: Path) -> None:
     rows = (live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert rows[0] == "step\tloss" and len(rows) >= 2
     assert json.loads((live / "metrics.json").read_text())["train"]["loss"] > 0
-    assert _workdirs(project, "aggressive") == []  # exported, so the work folder is gone
+    # Not run by DVC: nothing records the outputs as it exits, so the folder stays, marked done
+    # (a kill before `dvc commit` must not cost the training) ...
+    [workdir] = _workdirs(project, "aggressive")
+    assert json.loads((workdir / DONE_MARKER).read_text()) == stats
+    # ... and the next run exports it again without training; run by DVC, it then goes.
+    monkeypatch.setenv("DVC_STAGE", "pretrain@aggressive")
+    again = pretrain.run(load_params(paths.params), paths, "aggressive")
+    assert again == stats and again["seconds"] > 0  # the first run's own figures
+    load_encoder("resnet18", paths.encoder_file("aggressive"))
+    assert _workdirs(project, "aggressive") == []
+
+
+@pytest.mark.slow
+def test_pretrain__truncated_resume_point_is_reported_and_training_restarts(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resume point cut short (a copy killed mid-way, a full disk): reported, the folder
+    emptied, a clean run from epoch 0 that exports a loadable encoder."""
+    paths = project_paths(project)
+    params = load_params(paths.params)
+    arguments = pretrain.lightly_arguments(params, "conservative")
+    images = pretrain.list_pretrain_images(paths.processed_megadepth)
+    key = pretrain.run_key(arguments, images, paths.processed_megadepth)
+    checkpoint = paths.pretrain_workdir("conservative", key) / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"PK\x03\x04" + bytes(4000))  # a zip's first bytes, no end
+    stats = pretrain.run(params, paths, "conservative")
+    err = capsys.readouterr().err
+    assert f"{checkpoint}: unreadable resume checkpoint" in err
+    assert "starting from the beginning" in err
+    assert stats["resumed"] is False and stats["resumed_at_epoch"] == 0
+    assert stats["run_key"] == key
+    load_encoder("resnet18", paths.encoder_file("conservative"))
+
+
+def test_temp_files_beside__lightning_saves_by_renaming_in_the_folder(tmp_path: Path) -> None:
+    """Lightning's atomic save stages the checkpoint in Python's temp folder and moves it: inside
+    temp_files_beside that folder is beside the working folder (one filesystem: a rename), and
+    it is gone afterwards."""
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
+    workdir = tmp_path / "pretrain" / "conservative-0123456789ab"
+    target = workdir / "checkpoints" / "last.ckpt"
+    target.parent.mkdir(parents=True)
+    with pretrain.temp_files_beside(workdir) as staging:
+        assert Path(tempfile.gettempdir()) == staging
+        assert staging.parent == workdir.parent
+        assert staging.stat().st_dev == target.parent.stat().st_dev
+        _atomic_save({"epoch": 3}, target)
+        assert list(staging.iterdir()) == []  # moved out, nothing left behind
+    assert tempfile.gettempdir() != str(staging) and not staging.exists()
+    assert torch.load(target, weights_only=True) == {"epoch": 3}
 
 
 def test_pretrain__transform_args_follow_preset(project: Path) -> None:
@@ -161,3 +222,7 @@ def test_pretrain__two_processes_ddp_on_cpu(project: Path) -> None:
     log = result.stdout + result.stderr
     assert "MEMBER: 2/2" in log or "world_size=2" in log.replace(" ", ""), log[-2000:]
     load_encoder("resnet18", project_paths(project).encoder_file("aggressive"))
+    # Rank 0 alone listed the images and decided; the other rank took its decision.
+    taken = re.findall(r"pretrain@aggressive: this rank takes rank 0's decision .*", log)
+    assert len(taken) == 1, log[-2000:]
+    assert "resume False" in taken[0]

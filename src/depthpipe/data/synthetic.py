@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from depthpipe.config import SYNTHETIC_SCANNER_RANGE
 from depthpipe.data import diode
 
 # DIODE's camera at 1024x768 (DIODE devkit / Vasiljevic et al. 2019): 60 x 45 degree field of view.
 DIODE_FX, DIODE_FY, DIODE_WIDTH, DIODE_HEIGHT = 886.81, 927.06, 1024, 768
-SCANNER_RANGE = 350.0  # metres: beyond it the FARO scanner gets no return (mask 0)
+# metres: beyond it the FARO scanner gets no return (mask 0); config checks depth ranges by it
+SCANNER_RANGE = SYNTHETIC_SCANNER_RANGE
 HAZE_PER_METRE = 1.0 / 250.0  # extinction coefficient: half the contrast is gone at ~170 m
 SKY_HORIZON = np.array([0.78, 0.84, 0.90])
 SKY_ZENITH = np.array([0.30, 0.48, 0.80])

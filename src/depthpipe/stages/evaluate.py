@@ -48,7 +48,14 @@ from depthpipe.data.diode import read_sample as read_raw_sample
 from depthpipe.data.packed import read_index
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import ForwardMode, trainer_forward_mode
-from depthpipe.metrics import HIGHER_IS_BETTER, METRIC_NAMES, average_metrics, depth_metrics
+from depthpipe.metrics import (
+    ALIGNED_METRIC_NAMES,
+    HIGHER_IS_BETTER,
+    METRIC_NAMES,
+    aligned_metrics,
+    average_metrics,
+    depth_metrics,
+)
 from depthpipe.model import DepthNet, ModelSpec, load_finetuned, predict_depth
 from depthpipe.paths import (
     DIODE_VAL_SPLIT,
@@ -196,6 +203,16 @@ class ImageScores:
     metrics: dict[str, dict[str, float]]  # model -> metric -> value
 
 
+def image_metrics(
+    prediction: np.ndarray, image: TestImage, lo: float, hi: float
+) -> dict[str, float]:
+    """The metric scores and the scale-aligned ones of one prediction of ``image``."""
+    return {
+        **depth_metrics(prediction, image.depth, image.valid, lo, hi),
+        **aligned_metrics(prediction, image.depth, image.valid, lo, hi),
+    }
+
+
 def score_images(
     images: Iterable[TestImage], params: Params
 ) -> tuple[dict[str, dict[str, float]], list[ImageScores]]:
@@ -212,7 +229,7 @@ def score_images(
     for im in images:
         if not im.valid.any():
             continue
-        metrics = {m: depth_metrics(im.predictions[m], im.depth, im.valid, lo, hi) for m in MODELS}
+        metrics = {m: image_metrics(im.predictions[m], im, lo, hi) for m in MODELS}
         per_image.append(ImageScores(im.name, im.scan, metrics))
     if not per_image:
         raise DepthpipeError("evaluate: no test image has a valid pixel")
@@ -271,12 +288,16 @@ def over_prior(
     return gains
 
 
+# The per-image table's scores: the compared metrics, then their scale-aligned twins.
+PER_IMAGE_METRICS = (*IMPROVEMENT_METRICS, *ALIGNED_METRIC_NAMES)
+
+
 def per_image_table(per_image: list[ImageScores]) -> str:
     """CSV, one row per scored test image: what the scatter plot and later studies read."""
-    columns = [f"{m}_{metric}" for m in MODELS for metric in IMPROVEMENT_METRICS]
+    columns = [f"{m}_{metric}" for m in MODELS for metric in PER_IMAGE_METRICS]
     lines = [",".join(["image", "scan", *columns])]
     for s in per_image:
-        values = [f"{s.metrics[m][metric]:.6g}" for m in MODELS for metric in IMPROVEMENT_METRICS]
+        values = [f"{s.metrics[m][metric]:.6g}" for m in MODELS for metric in PER_IMAGE_METRICS]
         lines.append(",".join([s.name, s.scan, *values]))
     return "\n".join(lines) + "\n"
 
@@ -324,7 +345,10 @@ def run(params: Params, paths: ProjectPaths) -> dict[str, object]:
         keep_first(images, shown, params.evaluate.grid_images), params
     )
     report = {
-        **{model: {k: results[model][k] for k in METRIC_NAMES} for model in MODELS},
+        **{
+            model: {k: results[model][k] for k in (*METRIC_NAMES, *ALIGNED_METRIC_NAMES)}
+            for model in MODELS
+        },
         "improvement": {
             **relative_improvement(results),
             **improvement_intervals(per_image, BOOTSTRAP_SEED),

@@ -11,8 +11,12 @@ of everything the run depends on (params, encoder, packed splits, code, library 
 start of every epoch after the first it keeps a resume point there: a Lightning checkpoint with
 the random states, the curves so far and the best checkpoint so far. A run killed part-way
 (SIGKILL, a lost node) continues from that point when the stage runs again with the same key;
-other keys start clean. Only at the end are the outputs exported, and the folder is removed.
-DVC's run cache stays on because nothing is ``persist: true``.
+other keys start clean. Only at the end are the outputs exported; the folder is removed once
+they are recorded (depthpipe.distributed.remove_when_recorded). DVC's run cache stays on
+because nothing is ``persist: true``.
+
+``finetune.batch_size`` is global, like ``pretrain.batch_size``: each of the devices x
+num_nodes processes loads its share, so the optimiser takes the same steps at any world size.
 """
 
 from __future__ import annotations
@@ -32,15 +36,23 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import depthpipe
-from depthpipe.atomic import atomic_dir, atomic_file, atomic_outputs
+from depthpipe.atomic import atomic_dir, atomic_outputs, write_text_atomic
 from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import Params
 from depthpipe.data.packed import INDEX_FILE, Batch, PackedDepthDataset
+from depthpipe.distributed import (
+    DONE_MARKER,
+    check_rank,
+    discard_outputs,
+    project_lock,
+    remove_when_recorded,
+    sigterm_ends_training,
+    stop_on_sigterm,
+)
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
@@ -55,6 +67,7 @@ from depthpipe.paths import (
     ProjectPaths,
 )
 from depthpipe.prior import packed_prior, prior_depth
+from depthpipe.trainer_plugins import RankSeed, SameFolderCheckpointIO
 from depthpipe.training import DepthModule
 from depthpipe.transforms import DepthAugment
 
@@ -151,13 +164,20 @@ def datasets(params: Params, paths: ProjectPaths) -> tuple[PackedDepthDataset, P
     return train, PackedDepthDataset(paths.packed_split(VALIDATION_SPLIT))
 
 
+def per_device_batch(params: Params) -> int:
+    """Each process's share of the global ``finetune.batch_size`` (the config checks that the
+    processes divide it): the same optimiser steps and learning-rate schedule at any world size."""
+    trainer = params.finetune.trainer
+    return params.finetune.batch_size // (trainer.devices * trainer.num_nodes)
+
+
 def loaders(
     params: Params, train: PackedDepthDataset, val: PackedDepthDataset
 ) -> tuple[DataLoader[Batch], DataLoader[Batch]]:
     cfg = params.finetune
     workers = cfg.trainer.num_workers
     common: dict[str, Any] = {
-        "batch_size": cfg.batch_size,
+        "batch_size": per_device_batch(params),
         "num_workers": workers,
         # Workers live across epochs (no re-fork and re-open of the memory maps each epoch).
         "persistent_workers": workers > 0,
@@ -268,6 +288,8 @@ def prepare_workdir(paths: ProjectPaths, name: str, key: str) -> tuple[Path, boo
         for other in workdir.parent.iterdir():
             if other != workdir and same_name.fullmatch(other.name):
                 shutil.rmtree(other, ignore_errors=True)
+    if (workdir / DONE_MARKER).is_file():
+        return workdir, False  # exported, not yet recorded: run() exports it again
     if resume_checkpoint(workdir).is_file():
         return workdir, True
     shutil.rmtree(workdir, ignore_errors=True)
@@ -412,24 +434,6 @@ def rebased_paths(state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]
     return moved
 
 
-class SameFolderCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint beside its final path, then renames it into place.
-
-    Lightning's own writer stages the file in the system temp folder and moves it, which is a
-    copy over the old file (not atomic) when that folder is another filesystem, e.g. a tmpfs
-    /tmp. A rename is atomic, and it makes every save a new file: the hard link a resume point
-    keeps to the best checkpoint still holds that checkpoint after a better one replaces it.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        with atomic_file(Path(path), sweep=True) as staged:
-            torch.save(checkpoint, staged)
-
-
 # -- training and export ---------------------------------------------------------------------------
 
 
@@ -463,7 +467,13 @@ def make_trainer(
     return pl.Trainer(
         max_epochs=params.finetune.epochs,
         logger=dvclive_logger(workdir / WORK_LIVE, resume),
-        callbacks=[checkpoint, ResumePoint(workdir), DataWaitMonitor(), PriorReference(prior)],
+        callbacks=[
+            checkpoint,
+            ResumePoint(workdir),
+            DataWaitMonitor(),
+            PriorReference(prior),
+            RankSeed(params.seed),
+        ],
         plugins=[SameFolderCheckpointIO()],
         # Bit-exact re-runs on CPU (DVC's run cache assumes a stage is a function of its
         # inputs); some CUDA kernels have no deterministic version, so only warn there.
@@ -477,7 +487,7 @@ def make_trainer(
 def fit(
     trainer: pl.Trainer, module: DepthModule, loaders: tuple[Any, Any], workdir: Path, resume: bool
 ) -> None:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), sigterm_ends_training():
         # A resumed run finds its best checkpoint there on purpose (restore_resume_point).
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
         trainer.fit(
@@ -520,20 +530,33 @@ def export(
 
 
 def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
+    """Fine-tune ``name``; the leader's summary, {} in every other process."""
     check_name(params, name)
+    check_rank("finetune", params.finetune.trainer)
+    if not is_global_zero():
+        return train(params, paths, name, leader=False)
+    with project_lock(paths.leader_lock, f"finetune@{name}"):
+        discard_outputs(paths.finetune_dir(name), paths.finetune_live(name))
+        return train(params, paths, name, leader=True)
+
+
+def train(params: Params, paths: ProjectPaths, name: str, leader: bool) -> dict[str, Any]:
     pl.seed_everything(params.seed, workers=True, verbose=False)
     train_set, val_set = datasets(params, paths)
     train_loader, val_loader = loaders(params, train_set, val_set)
     module, spec = build_module(params, paths, name)
     key = run_key(params, paths, name)
-    leader = is_global_zero()
     if leader:
         workdir, resume = prepare_workdir(paths, name, key)
     else:
         # A DDP worker decides as the leader did (it only reads): every process must resume
         # from the same checkpoint, or their weights and epoch counters would disagree.
         workdir = paths.finetune_workdir(name, key)
-        resume = resume_checkpoint(workdir).is_file()
+        resume = resume_checkpoint(workdir).is_file() and not (workdir / DONE_MARKER).is_file()
+    if (workdir / DONE_MARKER).is_file():
+        # Exported by an earlier run whose outputs were never recorded (killed before `dvc
+        # commit`): export again, train nothing.
+        return export_done(paths, name, workdir, (module, spec)) if leader else {}
     start_epoch = checkpoint_epoch(resume_checkpoint(workdir)) if resume else 0
     epochs = params.finetune.epochs
     if leader and resume:
@@ -541,7 +564,8 @@ def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
         print(
             f"finetune@{name}: resumed from epoch {start_epoch} of {epochs} ({workdir})", flush=True
         )
-    prior = prior_scores(params, paths)
+    # The prior's scores are logged by rank 0 alone (PriorReference): only it reads the split.
+    prior = prior_scores(params, paths) if leader else {}
     trainer = make_trainer(params, workdir, prior, resume)
     fit(trainer, module, (train_loader, val_loader), workdir, resume)
     if not leader:
@@ -552,19 +576,37 @@ def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
         "best_val_abs_rel": best_score,
         "prior_val_abs_rel": prior["abs_rel"],
         "epochs": trainer.current_epoch,
+        "optimizer_steps": trainer.global_step,
+        "world_size": trainer.world_size,
+        "batch_size": params.finetune.batch_size,
         "train_samples": len(train_set),
         "validation_samples": len(val_set),
         "run_key": key,
         "resumed": resume,
         "resumed_at_epoch": start_epoch,
     }
-    export(paths, name, workdir, best, (module, spec), summary)
-    shutil.rmtree(workdir)  # exported, and DVC caches the outputs: the checkpoints are not needed
+    if Path(best) != workdir / WORK_CHECKPOINTS / BEST_CHECKPOINT:
+        raise DepthpipeError(f"finetune@{name}: best checkpoint {best} is outside {workdir}")
+    # Marked done before the export: a kill from here on exports again instead of training.
+    write_text_atomic(workdir / DONE_MARKER, json.dumps(summary) + "\n")
+    return export_done(paths, name, workdir, (module, spec))
+
+
+def export_done(
+    paths: ProjectPaths, name: str, workdir: Path, model: tuple[DepthModule, ModelSpec]
+) -> dict[str, Any]:
+    """Export a finished working folder (its DONE_MARKER holds the summary); it is removed once
+    the outputs are recorded."""
+    summary: dict[str, Any] = json.loads((workdir / DONE_MARKER).read_text())
+    best = workdir / WORK_CHECKPOINTS / BEST_CHECKPOINT
+    export(paths, name, workdir, best, model, summary)
+    remove_when_recorded(f"finetune@{name}", workdir)
     return summary
 
 
 def main() -> None:
     args = stage_arguments(__doc__, "name", f"'{SCRATCH}' or a key of pretrain.presets")
+    stop_on_sigterm()
     params, paths = open_project(args.root)
     summary = run(params, paths, args.name)
     if summary:

@@ -5,21 +5,43 @@ keyed by a hash of everything the run depends on. A run killed part-way leaves i
 there, and the next run with the same key resumes from it; a run whose params or data changed
 gets a new key and starts clean. Only at the end is the encoder exported into the outputs:
 models/pretrain/<preset>/{encoder.pt, train.log, pretrain.json} and dvclive/pretrain/<preset>.
+The folder is removed once those are recorded (depthpipe.distributed.remove_when_recorded).
 DVC's run cache stays on because nothing is ``persist: true``.
+
+Checkpoints are renamed into place (temp_files_beside), and a resume point
+that is unreadable all the same (a full disk, a file from before that) is reported and the run
+starts clean. Rank 0 alone lists the images and decides where to work and whether to resume;
+the other ranks of the same launch read its decision from a hand-off file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import sys
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from depthpipe.atomic import atomic_outputs
+from depthpipe.atomic import atomic_outputs, write_text_atomic
 from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import Params
+from depthpipe.distributed import (
+    DONE_MARKER,
+    check_rank,
+    discard_outputs,
+    project_lock,
+    remove_when_recorded,
+    sigterm_ends_training,
+    stop_on_sigterm,
+    torchrun_manages,
+)
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError, run_cli
 from depthpipe.hardware import is_global_zero, trainer_kwargs
@@ -35,7 +57,11 @@ from depthpipe.paths import (
     is_image,
 )
 
-DONE_MARKER = "depthpipe-complete.json"
+# The leader's decision for the other ranks of one launch (beside the working folders).
+HANDOFF = "{preset}.handoff.json"
+# Set by the leader when no launcher names the launch: Lightning's own DDP processes inherit it.
+LAUNCH_ID = "DEPTHPIPE_LAUNCH_ID"
+HANDOFF_WAIT_S = 1800.0  # the leader lists every image first: minutes for 128k on a slow share
 
 
 def list_pretrain_images(folder: Path) -> list[Path]:
@@ -90,9 +116,15 @@ def prepare_workdir(paths: ProjectPaths, preset: str, key: str) -> tuple[Path, b
             shutil.rmtree(stale, ignore_errors=True)
     if (workdir / DONE_MARKER).is_file():
         return workdir, False
-    if (workdir / LIGHTLY_LAST_CHECKPOINT).is_file():
-        return workdir, True
-    # Killed before its first checkpoint: nothing to resume, start clean.
+    checkpoint = workdir / LIGHTLY_LAST_CHECKPOINT
+    if checkpoint.is_file():
+        try:
+            checkpoint_epoch(checkpoint)
+            return workdir, True
+        except DepthpipeError as error:
+            # Every rank would fail to load it on every resubmission: report it, start clean.
+            print(f"pretrain@{preset}: {error}; starting from the beginning", file=sys.stderr)
+    # Killed before its first checkpoint, or its checkpoint is unreadable: start clean.
     shutil.rmtree(workdir, ignore_errors=True)
     return workdir, False
 
@@ -103,15 +135,89 @@ def checkpoint_epoch(checkpoint: Path) -> int:
     Not the checkpoint's ``epoch`` field: LightlyTrain saves at the end of an epoch, before
     Lightning counts it, so ``epoch`` is the index of the epoch just finished (0 after the
     first). The fit loop's processed-epoch counter is what Lightning itself resumes from.
+    Raises DepthpipeError when the file cannot be read (truncated, not a checkpoint).
     """
     import torch
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except Exception as error:  # a damaged file: torch and the lookups raise several kinds
+        raise DepthpipeError(
+            f"{checkpoint}: unreadable resume checkpoint ({type(error).__name__}: {error})"
+        ) from error
 
 
-def pretrain(arguments: dict[str, Any], data: Path, workdir: Path, resume: bool) -> float:
-    """Run LightlyTrain; return the wall time in seconds."""
+def launcher_id(env: Mapping[str, str]) -> str | None:
+    """What a launcher calls this launch on every rank: a SLURM step or a torchrun run id."""
+    if "SLURM_STEP_ID" in env and "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
+    run = env.get("TORCHELASTIC_RUN_ID", "none")
+    return f"torchrun-{run}" if torchrun_manages(env) and run != "none" else None
+
+
+def hand_off(paths: ProjectPaths, preset: str, decision: dict[str, Any]) -> None:
+    """The leader's decision, for the other ranks of this launch (written whole)."""
+    launch = launcher_id(os.environ)
+    if launch is None:
+        # A new id for every run: Lightning starts the other processes with this environment.
+        launch = os.environ[LAUNCH_ID] = uuid.uuid4().hex
+    handoff = paths.training_workdirs("pretrain") / HANDOFF.format(preset=preset)
+    write_text_atomic(handoff, json.dumps({**decision, "launch": launch}) + "\n")
+
+
+def take_over(paths: ProjectPaths, preset: str) -> dict[str, Any] | None:
+    """The leader's decision for this launch, waited for; None when no launch id says which
+    decision is this launch's (the rank then decides for itself)."""
+    launch = launcher_id(os.environ) or os.environ.get(LAUNCH_ID)
+    if launch is None:
+        return None
+    handoff = paths.training_workdirs("pretrain") / HANDOFF.format(preset=preset)
+    deadline = time.monotonic() + HANDOFF_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            decision: dict[str, Any] = json.loads(handoff.read_text())
+            if decision.get("launch") == launch:
+                print(
+                    f"pretrain@{preset}: this rank takes rank 0's decision ({handoff.name}): "
+                    f"{decision['workdir']}, resume {decision['resume']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return decision
+        except (OSError, ValueError):
+            pass  # not written yet
+        time.sleep(0.5)
+    raise DepthpipeError(f"{handoff}: rank 0 wrote no decision for launch {launch}")
+
+
+@contextlib.contextmanager
+def temp_files_beside(workdir: Path) -> Iterator[Path]:
+    """Python's temp folder on the working folder's filesystem while the block runs.
+
+    Lightning saves a checkpoint through fsspec, which writes it to a temp file and
+    ``shutil.move``s it over the last one: a rename on one filesystem, but a copy from a
+    node-local /tmp to a shared project, and a kill mid-copy truncates the only resume point.
+    LightlyTrain builds its own Trainer (a CheckpointIO plugin does not pass its config check),
+    so the temp folder is moved instead. A killed run's leftovers are removed the next time.
+    """
+    staging = workdir.parent / f".{workdir.name.rsplit('-', 1)[0]}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    before = tempfile.tempdir
+    tempfile.tempdir = str(staging)
+    try:
+        yield staging
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def pretrain(
+    arguments: dict[str, Any], data: Path, workdir: Path, resume: bool, leader: bool = True
+) -> float:
+    """Run LightlyTrain; return the wall time in seconds. Only the leader saves checkpoints, so
+    only its temp folder moves (the others' would race for the one beside the folder)."""
     import lightly_train  # heavy import, only when training
 
     start = time.perf_counter()
@@ -119,13 +225,15 @@ def pretrain(arguments: dict[str, Any], data: Path, workdir: Path, resume: bool)
     # nothing; it is needed because a run killed with SIGKILL leaves LightlyTrain's file-list
     # memory map behind in its cache, which a plain fresh start mistakes for a concurrent run
     # (the run key includes the image list, so that map still describes the same data).
-    lightly_train.pretrain(
-        out=str(workdir),
-        data=str(data),
-        resume_interrupted=resume,
-        overwrite=not resume,
-        **arguments,
-    )
+    beside = temp_files_beside(workdir) if leader else contextlib.nullcontext(workdir)
+    with sigterm_ends_training(), beside:
+        lightly_train.pretrain(
+            out=str(workdir),
+            data=str(data),
+            resume_interrupted=resume,
+            overwrite=not resume,
+            **arguments,
+        )
     elapsed = time.perf_counter() - start
     return elapsed
 
@@ -175,50 +283,89 @@ def run(params: Params, paths: ProjectPaths, preset: str) -> dict[str, Any]:
             f"pretrain: preset '{preset}' is not in pretrain.presets "
             f"(have: {', '.join(sorted(params.pretrain.presets))})"
         )
+    check_rank("pretrain", params.pretrain.trainer)
+    if not is_global_zero():
+        return train(params, paths, preset, leader=False)
+    with project_lock(paths.leader_lock, f"pretrain@{preset}"):
+        discard_outputs(paths.encoder_dir(preset), paths.pretrain_live(preset))
+        return train(params, paths, preset, leader=True)
+
+
+def decide(params: Params, paths: ProjectPaths, preset: str, leader: bool) -> dict[str, Any]:
+    """Where to work, whether to resume (and at which epoch), how many images: the leader lists
+    the images and decides; the other ranks take its decision, or decide alike without one."""
+    if not leader:
+        decision = take_over(paths, preset)
+        if decision is not None:
+            return decision
     images = list_pretrain_images(paths.processed_megadepth)
     arguments = lightly_arguments(params, preset)
     key = run_key(arguments, images, paths.processed_megadepth)
-    leader = is_global_zero()
     if leader:
         workdir, resume = prepare_workdir(paths, preset, key)
     else:
-        # A DDP worker decides as the leader did (it only reads): every process must pass the
-        # same resume flag, or their epoch counters and weights would disagree.
+        # Deciding alone, as the leader does (it only reads): every process must pass the same
+        # resume flag, or their epoch counters and weights would disagree. An unreadable
+        # checkpoint is one the leader removes.
         workdir = paths.pretrain_workdir(preset, key)
         resume = (workdir / LIGHTLY_LAST_CHECKPOINT).is_file()
-    seconds = 0.0
-    start_epoch = checkpoint_epoch(workdir / LIGHTLY_LAST_CHECKPOINT) if resume else 0
+    start_epoch = 0
+    if resume:
+        try:
+            start_epoch = checkpoint_epoch(workdir / LIGHTLY_LAST_CHECKPOINT)
+        except DepthpipeError:
+            resume = False
+    decision = {
+        "key": key,
+        "workdir": str(workdir),
+        "resume": resume,
+        "start_epoch": start_epoch,
+        "images": len(images),
+    }
+    if leader:
+        hand_off(paths, preset, decision)
+    return decision
+
+
+def train(params: Params, paths: ProjectPaths, preset: str, leader: bool) -> dict[str, Any]:
+    decision = decide(params, paths, preset, leader)
+    workdir, resume = Path(decision["workdir"]), bool(decision["resume"])
+    start_epoch, images = int(decision["start_epoch"]), int(decision["images"])
     if leader and resume:
         print(
             f"pretrain@{preset}: resumed from epoch {start_epoch} of {params.pretrain.epochs}"
             f" ({workdir})",
             flush=True,
         )
+    seconds = 0.0
     if not (workdir / DONE_MARKER).is_file():
-        seconds = pretrain(arguments, paths.processed_megadepth, workdir, resume)
+        arguments = lightly_arguments(params, preset)
+        seconds = pretrain(arguments, paths.processed_megadepth, workdir, resume, leader)
     stats = {
         "preset": preset,
-        "run_key": key,
+        "run_key": decision["key"],
         "resumed": resume,
         "resumed_at_epoch": start_epoch,
-        "images": len(images),
+        "images": images,
         "epochs": params.pretrain.epochs,
         "seconds": round(seconds, 2),
-        "images_per_second": round(
-            len(images) * (params.pretrain.epochs - start_epoch) / seconds, 2
-        )
+        "images_per_second": round(images * (params.pretrain.epochs - start_epoch) / seconds, 2)
         if seconds
         else None,
     }
     if leader:
-        (workdir / DONE_MARKER).write_text(json.dumps(stats) + "\n")
+        if (workdir / DONE_MARKER).is_file():  # exported before, never recorded: the same stats
+            stats = json.loads((workdir / DONE_MARKER).read_text())
+        else:
+            write_text_atomic(workdir / DONE_MARKER, json.dumps(stats) + "\n")
         export(params, preset, workdir, paths, stats)
-        shutil.rmtree(workdir)  # exported and cached by DVC: the checkpoints are not needed
+        remove_when_recorded(f"pretrain@{preset}", workdir)
     return stats
 
 
 def main() -> None:
     args = stage_arguments(__doc__, "preset", "a key of pretrain.presets in params.yaml")
+    stop_on_sigterm()
     params, paths = open_project(args.root)
     stats = run(params, paths, args.preset)
     if is_global_zero():
