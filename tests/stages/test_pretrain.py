@@ -108,7 +108,7 @@ def test_temp_files_beside__lightning_saves_by_renaming_in_the_folder(tmp_path: 
 def test_pretrain__transform_args_follow_preset(project: Path) -> None:
     params = load_params(project_paths(project).params)
     args = pretrain.lightly_arguments(params, "aggressive")
-    assert args["method"] == "dino" and args["model"] == "torchvision/resnet18"
+    assert args["method"] == params.pretrain.method and args["model"] == "torchvision/resnet18"
     assert args["transform_args"]["random_rotation"] == {"prob": 1.0, "degrees": 90.0}
     assert args["transform_args"]["random_flip"] == {"horizontal_prob": 0.5, "vertical_prob": 0.5}
     assert args["transform_args"]["image_size"] == (32, 32)
