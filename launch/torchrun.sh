@@ -34,9 +34,10 @@ print(t.devices, t.num_nodes)")
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # per process; torchrun would otherwise pick 1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}          # INFO to see the chosen network when it hangs
-# 1: on an NCCL error or timeout (a rank died), abort the communicator and end the process
-# instead of the other ranks waiting in an all-reduce (recent PyTorch defaults to 3: abort
-# without ending the process; 1 makes the choice explicit).
+# 1 (TearDown): on an NCCL error or timeout (a rank died), abort the NCCL communicators and end
+# the process instead of the other ranks waiting in an all-reduce. PyTorch's default is 3
+# (SkipCleanUp: end the process without aborting the communicators); 2 (CleanUpOnly) aborts
+# them without ending the process. (torch's ProcessGroupNCCL.hpp)
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 # export NCCL_SOCKET_IFNAME=ib0                # site-specific: the interface NCCL should use
 export PYTHONUNBUFFERED=1
@@ -60,7 +61,8 @@ torchrun \
 if [ "$NODE_RANK" = 0 ]; then
     # Reached only when torchrun succeeded (set -e): a stage ended by an error or SIGTERM exits
     # non-zero and leaves no outputs. -f: no confirmation prompt; DVC hashes what rank 0 wrote.
-    dvc commit --force "$STAGE@$ITEM"
-    # Recorded: now the working folder (the resume point) may go.
-    python -m depthpipe.distributed prune "$STAGE@$ITEM"
+    # Then, recorded, the working folder (the resume point) may go. Both holding the project's
+    # leader lock: no other leader's stage writes between the commit and the prune.
+    python -m depthpipe.distributed hold -- bash -c \
+        'dvc commit --force "$1" && python -m depthpipe.distributed prune "$1"' _ "$STAGE@$ITEM"
 fi

@@ -91,7 +91,11 @@ def test_load_params__committed_file_is_valid() -> None:
         ({"data": {"synthetic": {"val_scenes": 0}}}, "data.synthetic.val_scenes: 0 is below"),
         (
             {"depth": {"min_depth": 400.0, "max_depth": 1000.0}},
-            "depth.min_depth 400.0 is beyond the synthetic scanner's range",
+            "depth.min_depth 400.0 .. depth.max_depth 1000.0 misses the synthetic data's depths",
+        ),
+        (
+            {"depth": {"min_depth": 0.01, "max_depth": 0.5}},
+            "depth.min_depth 0.01 .. depth.max_depth 0.5 misses the synthetic data's depths",
         ),
         ({"finetune": {"augment": {"geometry": "zoom"}}}, "finetune.augment.geometry: 'zoom'"),
         ({"finetune": {"augment": {"crop_side": 0.1}}}, "finetune.augment.crop_side: 0.1 is"),

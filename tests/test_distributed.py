@@ -6,6 +6,7 @@ prune of a recorded working folder in a real DVC project, per-rank augmentation 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from depthpipe import distributed, doctor
 from depthpipe.config import TrainerConfig, parse_params
 from depthpipe.errors import DepthpipeError
 from depthpipe.paths import project_paths
-from depthpipe.stages import finetune
+from depthpipe.stages import finetune, fingerprint, init_scratch
 from tests.helpers import REPO, committed_params, deep_merge, run_main, run_module
 
 # What a batch step of `sbatch --nodes=2 --ntasks-per-node=4` carries (no srun step).
@@ -61,13 +62,28 @@ def test_check_launch__batch_step_announcing_absent_ranks_refuses() -> None:
     ("env", "trainer"),
     [
         (SRUN_TASK, GPU_2x4),  # srun started all 8
-        ({}, GPU_2x4),  # no launcher: Lightning's own processes, nothing announced
+        ({}, {"devices": 2}),  # no launcher, one node: Lightning's own processes
+        ({"NODE_RANK": "1", "MASTER_ADDR": "node01"}, GPU_2x4),  # each node started by hand
         ({**BATCH_STEP, "SLURM_NTASKS": "1"}, {"devices": 1}),  # a one-task job
         ({**BATCH_STEP, "SLURM_JOB_NAME": "interactive"}, {"devices": 2}),  # salloc: Lightning's
     ],
 )
 def test_check_launch__ranks_that_exist_pass(env: dict[str, str], trainer: dict) -> None:
     distributed.check_launch("finetune", _trainer(**trainer), env)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},  # nothing: each node would wait for the others at the rendezvous
+        {"MASTER_ADDR": "node01"},  # no node rank
+        {"NODE_RANK": "0"},  # no address of node 0
+        {**BATCH_STEP, "SLURM_JOB_NAME": "interactive"},  # salloc: SLURM starts no tasks
+    ],
+)
+def test_check_launch__two_nodes_without_a_launcher_refuse(env: dict[str, str]) -> None:
+    with pytest.raises(DepthpipeError, match=r"no launcher starts the other nodes .*NODE_RANK"):
+        distributed.check_launch("finetune", _trainer(**GPU_2x4), env)
 
 
 def test_check_launch__world_size_other_than_params_refuses_naming_them() -> None:
@@ -112,7 +128,7 @@ def test_finetune_in_a_batch_step_refuses_at_once(scratch_project: Path, tmp_pat
 # -- one leader per project --------------------------------------------------------------------
 
 
-def _hold(root: Path, *command: str) -> subprocess.Popen[str]:
+def _hold(root: Path, *command: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -127,6 +143,7 @@ def _hold(root: Path, *command: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -192,9 +209,11 @@ def test_leader_lock__second_leader_stops_at_once_naming_the_holder(
 
 
 def test_hold__passes_its_token_to_the_command(tmp_path: Path) -> None:
-    """The command runs under the lock with the token in its environment (what a stage of the
-    same job compares with the lock file)."""
-    probe = "import os; print(os.environ['DEPTHPIPE_LEADER_TOKEN'])"
+    """The command runs under the lock with the token and the job id in its environment (what
+    a stage of the same job, and launch/slurm.sbatch, compare with the lock file's)."""
+    probe = (
+        "import os; print(os.environ['DEPTHPIPE_LEADER_TOKEN'], os.environ['DEPTHPIPE_LEADER_JOB'])"
+    )
     result = run_module(
         "depthpipe.distributed",
         "--root",
@@ -205,10 +224,129 @@ def test_hold__passes_its_token_to_the_command(tmp_path: Path) -> None:
         "-c",
         probe,
         cwd=tmp_path,
+        env={"SLURM_JOB_ID": "77"},
     )
     assert result.returncode == 0, result.stderr
     holder = distributed.read_holder(project_paths(tmp_path).leader_lock)
-    assert result.stdout.strip() == holder["token"]
+    assert result.stdout.split() == [holder["token"], "77"]
+    assert holder["slurm_job"] == "77"
+
+
+def test_held_by_my_job__an_inherited_token_without_a_live_holder_is_not_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token a dead holder left in the lock file (or a job inherited from another): the
+    lock is free, so a stage must take it itself, not trust the variable."""
+    lock = project_paths(tmp_path).leader_lock
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"token": "dead", "what": "hold", "slurm_job": None}) + "\n")
+    assert not distributed.held_by_my_job(lock, {distributed.HOLDER_TOKEN: "dead"})
+    monkeypatch.setenv(distributed.HOLDER_TOKEN, "dead")
+    with distributed.project_lock(lock, "finetune@scratch"):
+        taken = distributed.read_holder(lock)
+        assert taken["token"] != "dead" and taken["what"] == "finetune@scratch"
+        assert distributed.is_held(lock)
+    assert not distributed.is_held(lock)
+
+
+def test_held_by_my_job__a_live_holder_of_another_slurm_job_is_not_this_jobs(
+    tmp_path: Path,
+) -> None:
+    lock = project_paths(tmp_path).leader_lock
+    holding = _hold(tmp_path, "sleep", "120", env={"SLURM_JOB_ID": "1"})
+    try:
+        token = _wait_for_holder(lock, holding)["token"]
+        mine = {distributed.HOLDER_TOKEN: token}
+        assert distributed.held_by_my_job(lock, {**mine, "SLURM_JOB_ID": "1"})
+        assert not distributed.held_by_my_job(lock, {**mine, "SLURM_JOB_ID": "2"})
+        assert not distributed.held_by_my_job(lock, {distributed.HOLDER_TOKEN: "other"})
+    finally:
+        holding.kill()
+        holding.wait(timeout=60)
+    assert not distributed.held_by_my_job(lock, {**mine, "SLURM_JOB_ID": "1"})  # gone with it
+
+
+@pytest.mark.slow
+def test_stage_lock__single_process_stages_refuse_while_another_leads(
+    scratch_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init_scratch and fingerprint (as fetch, preprocess and evaluate: cli.open_project) stop
+    while another process holds the project; run alone, each takes the lock and lets go as its
+    main ends, so `dvc repro` runs them one after another."""
+    from tests.helpers import copy_project
+
+    root = copy_project(scratch_project, tmp_path / "p")
+    paths = project_paths(root)
+    encoder = paths.encoder_file("scratch")
+    encoder.unlink()
+    holding = _hold(root, "sleep", "120")
+    try:
+        _wait_for_holder(paths.leader_lock, holding)
+        capsys.readouterr()
+        assert run_main(init_scratch.main, cwd=root) == 2
+        assert f"held by sleep 120 (host {socket.gethostname()}, pid {holding.pid}" in (
+            capsys.readouterr().err
+        )
+        assert not encoder.exists()
+        assert run_main(fingerprint.main, cwd=root) == 2
+        assert "held by sleep 120" in capsys.readouterr().err
+    finally:
+        holding.kill()
+        holding.wait(timeout=60)
+    assert run_main(init_scratch.main, cwd=root) == 0
+    assert encoder.is_file()
+    assert distributed.read_holder(paths.leader_lock)["what"] == "init_scratch"
+    assert not distributed.is_held(paths.leader_lock)  # let go as main returned
+    assert run_main(fingerprint.main, cwd=root) == 0
+
+
+def _no_flock(fd: int, operation: int) -> None:
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+
+@pytest.mark.parametrize(
+    ("trainer", "env", "lone"),
+    [
+        (None, {}, True),  # a single-process stage on a laptop
+        ({"devices": 1}, {}, True),  # the CPU demo's training
+        ({"devices": 2}, {}, False),  # Lightning's own 2 processes share the project
+        ({"devices": 1}, {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "d"}, False),  # a job's task
+        (None, {"NODE_RANK": "0", "MASTER_ADDR": "n0"}, False),
+    ],
+)
+def test_alone__decides_whether_a_filesystem_without_locks_only_warns(
+    trainer: dict | None, env: dict[str, str], lone: bool
+) -> None:
+    assert distributed.alone(None if trainer is None else _trainer(**trainer), env) is lone
+
+
+def test_project_lock__no_locks_warns_for_a_lone_process_and_refuses_otherwise(
+    scratch_project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A filesystem without flock (NFS nolock without local locks, Lustre without -o flock)
+    cannot be mounted here: flock(2) answers ENOLCK as it does there."""
+    from tests.helpers import copy_project
+
+    root = copy_project(scratch_project, tmp_path / "p")
+    lock = project_paths(root).leader_lock
+    monkeypatch.setattr(distributed.fcntl, "flock", _no_flock)
+    refused = pytest.raises(distributed.NoLocks, match=r"leader.lock: this filesystem gives no")
+    with refused, distributed.project_lock(lock, "finetune@scratch", lone=False):
+        pass
+    with distributed.project_lock(lock, "finetune@scratch", lone=True):
+        pass
+    assert "warning: " in capsys.readouterr().err
+    for name in ("SLURM_NTASKS", "WORLD_SIZE", "RANK", "NODE_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert run_main(fingerprint.main, cwd=root) == 0  # the demo's stages go on, warned
+    assert "gives no file locks" in capsys.readouterr().err
+    monkeypatch.setenv("NODE_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "node01")
+    assert run_main(fingerprint.main, cwd=root) == 2
+    assert "error: " in capsys.readouterr().err
 
 
 # -- prune after dvc commit --------------------------------------------------------------------
@@ -247,17 +385,77 @@ def test_prune__removes_the_working_folder_only_once_dvc_recorded_the_outputs(
     for folder in (done, unfinished):
         folder.mkdir(parents=True)
     (done / distributed.DONE_MARKER).write_text("{}\n")
+    handoff = distributed.handoff_file(root, "conservative")  # the launch's, read by every rank
+    handoff.write_text('{"launch": "slurm-7.0.r0"}\n')
 
     refused = run_module(
         "depthpipe.distributed", "--root", str(root), "prune", "pretrain@conservative", cwd=root
     )
     assert refused.returncode == 2 and "not recorded in dvc.lock" in refused.stderr
-    assert done.is_dir()
+    assert done.is_dir() and handoff.is_file()
 
     committed = _dvc(root, "commit", "--force", "pretrain@conservative")
     assert committed.returncode == 0, committed.stderr
     assert distributed.prune(root, "pretrain@conservative") == [done]
     assert not done.exists() and unfinished.is_dir()  # no DONE marker: a run still going
+    assert not handoff.exists()
+
+
+def _always_changed_project(root: Path) -> None:
+    """A real DVC project shaped like the pipeline: an always_changed stage (fingerprint) above
+    init_scratch and a pretrain@<preset> stage, all run and recorded by `dvc repro`."""
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    assert _dvc(root, "init", "-q").returncode == 0
+    (root / "dvc.yaml").write_text(
+        "stages:\n"
+        "  fingerprint:\n    cmd: echo same > fingerprint.txt\n    always_changed: true\n"
+        "    outs: [fingerprint.txt]\n"
+        "  init_scratch:\n    cmd: cp fingerprint.txt scratch.txt\n"
+        "    deps: [fingerprint.txt]\n    outs: [scratch.txt]\n"
+        "  pretrain:\n    foreach: [conservative]\n    do:\n"
+        "      cmd: cp fingerprint.txt ${item}.txt\n"
+        "      deps: [fingerprint.txt]\n      outs: ['${item}.txt']\n"
+    )
+    repro = _dvc(root, "repro")
+    assert repro.returncode == 0, repro.stderr
+
+
+@pytest.mark.slow
+def test_recorded__judges_each_stage_alone_below_an_always_changed_stage(tmp_path: Path) -> None:
+    """The check launch/slurm.sbatch runs before `dvc repro evaluate`: `dvc status --with-deps`
+    reports every stage below the always_changed fingerprint (the job never scored); the
+    `recorded` command passes recorded stages and fails naming the one that is not."""
+    root = tmp_path / "project"
+    _always_changed_project(root)
+    targets = ("pretrain@conservative", "init_scratch")
+    with_deps = _dvc(root, "status", "--quiet", "--with-deps", *targets)
+    assert with_deps.returncode == 1  # what the job asked before: never up to date
+
+    command = ("depthpipe.distributed", "--root", str(root), "recorded")
+    fresh = run_module(*command, *targets, cwd=root)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "up to date in dvc.lock: pretrain@conservative init_scratch" in fresh.stdout
+
+    (root / "conservative.txt").write_text("trained under other params\n")
+    stale = run_module(*command, *targets, cwd=root)
+    assert stale.returncode == 2
+    assert "not up to date in dvc.lock: pretrain@conservative (" in stale.stderr
+    assert "modified" in stale.stderr and "init_scratch (" not in stale.stderr
+    assert "resubmit the job" in stale.stderr
+
+    unknown = run_module(*command, "pretrain@wild", cwd=root)
+    assert unknown.returncode == 2 and "pretrain@wild" in unknown.stderr
+
+
+def test_recorded_on_exit__dvc_stage_address_in_any_form() -> None:
+    """DVC sets DVC_STAGE to stage.addressing: the bare name, or `<dvc.yaml path>:<name>`."""
+    stage = "finetune@scratch"
+    for address in (stage, f"dvc.yaml:{stage}", f"../dvc.yaml:{stage}", f"sub/dvc.yaml:{stage}"):
+        assert distributed.recorded_on_exit(stage, {"DVC_STAGE": address}), address
+    for address in ("", "finetune@scratch2", "dvc.yaml:finetune@conservative", "xfinetune@scratch"):
+        assert not distributed.recorded_on_exit(stage, {"DVC_STAGE": address}), address
+    assert not distributed.recorded_on_exit(stage, {})
 
 
 # -- per-rank augmentation ---------------------------------------------------------------------
@@ -288,3 +486,14 @@ def test_rank_seed__two_processes_draw_their_own_augmentations(tmp_path: Path) -
     assert rank0 == before[0]
     assert len(rank1) == len(rank0) and rank1 != rank0
     assert len(set(rank0) & set(rank1)) == 0
+
+
+def test_project_lock__unopenable_lock_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A file where .depthpipe should be a folder: an error naming the lock, no traceback."""
+    (tmp_path / ".depthpipe").write_text("not a folder\n")
+    lock = project_paths(tmp_path).leader_lock
+    with (
+        pytest.raises(DepthpipeError, match=r"leader.lock: cannot open the project's lock file"),
+        distributed.project_lock(lock, "evaluate"),
+    ):
+        pass

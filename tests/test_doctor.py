@@ -439,12 +439,17 @@ def test_launch_file__names_only_what_exists(path: Path) -> None:
     for module in re.findall(r"python -m (depthpipe\.[a-z_.]+)", text):
         assert (REPO / "src" / Path(*module.split("."))).with_suffix(".py").is_file(), module
     params = committed_params()
+    checked = 0
     for words in _commands(path):
-        if words[:1] == ["dvc"] and words[1:2] != ["status"]:
+        targets = []
+        if words[:1] == ["dvc"]:  # repro, commit, status: each names stages
             targets = [w for w in words[2:] if not w.startswith("-")]
-            for target in targets:
-                name = target.split("@")[0].strip('"').replace("$stage", "").replace("$STAGE", "")
-                assert not name or name in stages, f"{path.name}: dvc {words[1]} {target}"
+        elif words[:3] == ["python", "-m", "depthpipe.distributed"] and words[3] != "hold":
+            targets = words[4:]  # prune, recorded
+        for target in targets:
+            checked += 1
+            name = target.split("@")[0].strip('"').replace("$stage", "").replace("$STAGE", "")
+            assert not name or name in stages, f"{path.name}: {' '.join(words[:4])} {target}"
         for i, word in enumerate(words):
             if word == "-S":
                 key = words[i + 1].split("=")[0]
@@ -452,6 +457,8 @@ def test_launch_file__names_only_what_exists(path: Path) -> None:
                 for part in key.split("."):
                     assert isinstance(node, dict) and part in node, f"{path.name}: -S {key}"
                     node = node[part]
+    if path.name == "slurm.sbatch":  # torchrun.sh names its stage only as $STAGE
+        assert checked, f"{path.name}: no stage target checked"
     for key in re.findall(r"\b((?:pretrain|finetune)\.trainer\.[a-z_]+)", text):
         section, _, field = key.split(".")
         assert field in params[section]["trainer"], f"{path.name}: {key}"
@@ -493,15 +500,34 @@ def _srun_lines(text: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
-def test_launch_file__every_srun_carries_the_cpus_per_task(path: Path) -> None:
-    """Since Slurm 22.05 srun does not inherit --cpus-per-task: each srun must say it, or the
-    script must export SRUN_CPUS_PER_TASK before it (both, in slurm.sbatch)."""
-    text = path.read_text()
+def test_slurm_job__every_srun_carries_the_cpus_per_task_and_the_environment() -> None:
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task: each srun must say it, and the
+    script exports SRUN_CPUS_PER_TASK before it (both). --export=ALL: a site's
+    SLURM_EXPORT_ENV=NONE would leave the tasks without the venv and the leader token."""
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    sruns = _srun_lines(text)
+    assert sruns, "slurm.sbatch starts no srun step"
     exported = re.search(r"^export SRUN_CPUS_PER_TASK=\S+", text, re.M)
-    for line in _srun_lines(text):
-        before = text.index(line.split()[0] + " " + line.split()[1])
-        assert "--cpus-per-task=" in line or (exported and exported.start() < before), line
+    assert exported and exported.start() < text.index("\n    srun ")
+    for line in sruns:
+        assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in line, line
+        assert "--export=ALL" in line, line
+
+
+def test_torchrun_script__starts_params_world_size_and_records_under_the_lock() -> None:
+    """torchrun.sh (no SLURM, no srun) starts devices x num_nodes processes read from the
+    params, and node 0 records the stage and prunes it holding the project's leader lock."""
+    text = (LAUNCH / "torchrun.sh").read_text()
+    assert not _srun_lines(text)
+    joined = text.replace("\\\n", " ").splitlines()
+    torchrun = shlex.split(next(line for line in joined if line.startswith("torchrun ")))
+    assert torchrun[torchrun.index("--nnodes") + 1] == "$NNODES"
+    assert torchrun[torchrun.index("--nproc-per-node") + 1] == "$NPROC"
+    assert "t.devices, t.num_nodes" in text
+    [held] = [w for w in _commands(LAUNCH / "torchrun.sh") if "dvc commit --force" in " ".join(w)]
+    assert held[:5] == ["python", "-m", "depthpipe.distributed", "hold", "--"], held
+    inner = " ".join(held[5:])
+    assert inner.index("dvc commit --force") < inner.index("depthpipe.distributed prune")
 
 
 def test_slurm_job__one_leader_and_checked_stages() -> None:
@@ -513,14 +539,56 @@ def test_slurm_job__one_leader_and_checked_stages() -> None:
     hold = next(i for i, line in enumerate(lines) if "depthpipe.distributed hold" in line)
     first_work = next(i for i, line in enumerate(lines) if "depthpipe.doctor" in line)
     assert hold < first_work  # the lock before anything else runs
-    status = next(i for i, line in enumerate(lines) if "dvc status --quiet --with-deps" in line)
+    # The lock's pair is trusted only when it is this job's (a job submitted from a job).
+    guard = lines[hold - 1]
+    assert '"${DEPTHPIPE_LEADER_JOB:-}" != "$SLURM_JOB_ID"' in guard, guard
+    assert not [line for line in lines if "--with-deps" in line]  # always stale: fingerprint
+    check = next(i for i, line in enumerate(lines) if "depthpipe.distributed recorded" in line)
     evaluate = next(i for i, line in enumerate(lines) if line == "dvc repro evaluate")
-    assert status < evaluate
-    assert all(f"{s}@" in lines[status] for s in ("pretrain", "finetune"))
+    assert check < evaluate
+    checked = " ".join(lines[check : check + 2])
+    for stage in ('"pretrain@$AUG"', "init_scratch", '"finetune@scratch"', '"finetune@$AUG"'):
+        assert stage in checked, checked
     commit = next(i for i, line in enumerate(lines) if line.startswith("dvc commit --force"))
     assert "depthpipe.distributed prune" in lines[commit + 1]
-    # PyTorch's default for TORCH_NCCL_ASYNC_ERROR_HANDLING aborts (3), it does not "only clean up"
-    assert "the default only cleans up" not in text
+    # The up-to-date branch prunes too: a job ended between commit and prune left the folder.
+    up_to_date = next(i for i, line in enumerate(lines) if line.startswith('echo "$stage@$item'))
+    assert lines[up_to_date + 1] == 'python -m depthpipe.distributed prune "$stage@$item"'
+    assert lines[up_to_date + 2] == "return"
+
+
+def _nccl_modes() -> dict[str, int]:
+    """TORCH_NCCL_ASYNC_ERROR_HANDLING's values as the installed torch defines them."""
+    import torch
+
+    header = (
+        Path(torch.__file__).parent / "include/torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp"
+    )
+    if not header.is_file():
+        pytest.skip(f"{header}: not installed with this torch")
+    enum = re.search(r"enum ErrorHandlingMode \{(.*?)\}", header.read_text(), re.S)
+    assert enum, header
+    modes = {name: int(value) for name, value in re.findall(r"(\w+) = (\d)", enum.group(1))}
+    assert re.search(r"default value \(3 - SkipCleanUp\)", header.read_text()), header
+    return modes
+
+
+@pytest.mark.parametrize(
+    "path", [*LAUNCH_FILES, REPO / "docs" / "clusters.md"], ids=lambda p: p.name
+)
+def test_nccl_error_handling__described_as_torch_defines_it(path: Path) -> None:
+    """1 TearDown (abort the communicators, end the process), 2 CleanUpOnly (abort, go on),
+    3 SkipCleanUp (end the process without aborting: the default)."""
+    modes = _nccl_modes()
+    assert modes == {"NoHandling": 0, "TearDown": 1, "CleanUpOnly": 2, "SkipCleanUp": 3}
+    text = " ".join(path.read_text().replace("#", " ").split())
+    named = re.findall(r"\b(\d) \((\w+)", text)
+    assert {name for _, name in named} >= {"TearDown", "SkipCleanUp", "CleanUpOnly"}, named
+    for value, name in named:
+        assert modes[name] == int(value), (value, name)
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in text
+    assert "default is 3 (SkipCleanUp: end the process without aborting the communicators" in text
+    assert "2 (CleanUpOnly) aborts them without ending the process" in text
 
 
 @pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
@@ -531,7 +599,7 @@ def test_launch_file__depthpipe_commands_exist(path: Path) -> None:
     for words in _commands(path):
         if words[:3] == ["python", "-m", "depthpipe.distributed"]:
             command = words[3]
-            assert command in ("hold", "prune"), command
+            assert command in ("hold", "prune", "recorded"), command
             with pytest.raises(SystemExit) as stop:
                 distributed.main([command, "--help"])
             assert stop.value.code == 0
@@ -596,3 +664,82 @@ def test_doctor__reports_leader_site_and_cpus(project: Path, run_doctor: RunDoct
         "PASS leader      .depthpipe/leader.lock: free; file locks work here"
     ]
     assert _lines(lines, "PASS", "dvc site") and _lines(lines, "PASS", "cpus")
+
+
+def _mounts(tmp_path: Path, *lines: str) -> Path:
+    """A mount table in /proc/mounts' format (the real one cannot be changed here)."""
+    table = tmp_path / "mounts"
+    table.write_text("".join(f"{line}\n" for line in lines))
+    return table
+
+
+@pytest.mark.parametrize(
+    ("fstype", "options", "says"),
+    [
+        ("nfs4", "rw,vers=4.2,local_lock=flock", "mounted local_lock=flock: remount it with"),
+        ("nfs4", "rw,vers=4.2,local_lock=all", "local_lock=all: remount it with local_lock=none"),
+        ("nfs", "rw,vers=3,nolock,local_lock=all", "mounted nolock: remount it without nolock"),
+        ("lustre", "rw,localflock,lazystatfs", "mounted -o localflock: mount it with -o flock"),
+    ],
+)
+def test_leader_check__node_local_locks_fail_naming_the_mount_option(
+    tmp_path: Path, fstype: str, options: str, says: str
+) -> None:
+    """flock(2) succeeds on such a mount, but only against processes of the same node: the
+    check reads the options of the mount holding the project (the longest mount point)."""
+    root = tmp_path / "shared" / "project"
+    root.mkdir(parents=True)
+    real = root.resolve()
+    table = _mounts(
+        tmp_path,
+        "/dev/sda1 / ext4 rw,relatime 0 0",
+        f"server:/export {real.parent} {fstype} {options} 0 0",
+        "tmpfs /dev/shm tmpfs rw 0 0",
+    )
+    check = doctor.leader_check(project_paths(root), {}, table)
+    assert check.status == "FAIL" and says in check.message, check.line()
+    assert str(real.parent) in check.message and "one node only" in check.message
+    assert not project_paths(root).leader_lock.exists()  # refused before it took anything
+
+
+def test_leader_check__the_longest_mount_point_decides(tmp_path: Path) -> None:
+    """A project on a locking mount below a nolock one passes; the table's own escapes (a
+    space is \\040) are read; and the filesystem type comes from the same entry."""
+    root = tmp_path / "my share" / "project"
+    root.mkdir(parents=True)
+    real = str(root.resolve().parent).replace(" ", "\\040")
+    table = _mounts(
+        tmp_path,
+        f"server:/all {tmp_path.resolve()} nfs rw,nolock 0 0",
+        f"server:/export {real} nfs4 rw,vers=4.2,local_lock=none 0 0",
+    )
+    check = doctor.leader_check(project_paths(root), {}, table)
+    assert check.status == "PASS", check.line()
+    assert doctor.filesystem_type(root, table) == "nfs4"
+    nolock = _mounts(tmp_path, f"server:/all {tmp_path.resolve()} nfs rw,nolock 0 0")
+    assert doctor.leader_check(project_paths(root), {}, nolock).status == "FAIL"
+
+
+def _params_with(**sections: Any) -> Any:
+    return parse_params(deep_merge(committed_params(), sections))
+
+
+def test_rank_checks__same_augmentations_and_one_image_batches_warn() -> None:
+    two = {"devices": 2, "accelerator": "cpu"}
+    alike = doctor.rank_checks(
+        _params_with(pretrain={"batch_size": 8, "trainer": {**two, "num_workers": 0}})
+    )
+    [warning] = alike
+    assert warning.status == "WARN" and warning.topic == "ranks"
+    assert "pretrain.trainer.num_workers 0 draw the same augmentations" in warning.message
+    own = doctor.rank_checks(
+        _params_with(pretrain={"batch_size": 8, "trainer": {**two, "num_workers": 2}})
+    )
+    assert [c.status for c in own] == ["PASS"], own
+
+    gpus = {"devices": 4, "num_nodes": 2, "accelerator": "gpu"}
+    [single] = doctor.rank_checks(_params_with(finetune={"batch_size": 8, "trainer": gpus}))
+    assert single.status == "WARN"
+    assert "batch_size 8 over 8 process(es) is 1 image(s) per process" in single.message
+    pairs = doctor.rank_checks(_params_with(finetune={"batch_size": 16, "trainer": gpus}))
+    assert [c.status for c in pairs] == ["PASS"], pairs

@@ -78,3 +78,20 @@ def test_aligned_metrics__only_valid_pixels_set_the_scale() -> None:
     assert aligned["abs_rel_aligned"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="no valid pixel"):
         aligned_metrics(pred, gt, np.zeros_like(valid))
+
+
+def test_aligned_metrics__broken_predictions_score_badly_never_nan() -> None:
+    """NaN and inf are sanitised to the range's edges before the scale is taken, as for the
+    metric figures: the scores are finite."""
+    gt = np.full((4, 4), 10.0)
+    pred = np.full((4, 4), 10.0)
+    pred[0, :2] = np.nan
+    pred[1, :2] = np.inf
+    aligned = aligned_metrics(pred, gt, np.ones_like(gt, dtype=bool))
+    assert all(math.isfinite(v) for v in aligned.values())
+    assert aligned["delta1_aligned"] == pytest.approx(12 / 16)  # the 4 broken pixels miss
+
+
+def test_average_metrics__refuses_images_with_different_metrics() -> None:
+    with pytest.raises(ValueError, match="different metrics"):
+        average_metrics([{"abs_rel": 0.1}, {"abs_rel": 0.2, "abs_rel_aligned": 0.1}])

@@ -75,3 +75,18 @@ def test_profile__study_is_sized_for_the_seed_grid(project: Path) -> None:
     apply_profile(project / "params.yaml", project / "profiles" / "demo.yaml")
     restored = (project / "params.yaml").read_text()
     assert yaml.safe_load(restored) == yaml.safe_load(original)  # method and lr come back too
+
+
+def test_profile__demo_shows_many_scenes_with_few_views() -> None:
+    """The committed demo's data design (docs/experiments.md): over 100 training scenes of at
+    most 4 views (a network shown 12 places memorised them), a test split of at least 20 scans
+    for a scan-level interval, and a pretraining that moves the weights (SimCLR, >= 90 steps)."""
+    demo = load_params(REPO / "params.yaml")
+    synthetic = demo.data.synthetic
+    held_out = round(demo.preprocess.val_fraction * synthetic.train_scenes)
+    assert synthetic.train_scenes - held_out >= 100
+    assert synthetic.views_per_scan * synthetic.scans_per_scene <= 4
+    assert synthetic.val_scenes * synthetic.scans_per_scene >= 20
+    photos = synthetic.megadepth_scenes * synthetic.megadepth_images_per_scene
+    assert demo.pretrain.method == "simclr"
+    assert demo.pretrain.epochs * (photos // demo.pretrain.batch_size) >= 90

@@ -196,3 +196,39 @@ def test_evaluate_path__scores_the_ground_truth_at_half_size_near_perfect(
     assert results["scratch"]["abs_rel"] < 0.1, results["scratch"]
     assert results["scratch"]["delta1"] > 0.9, results["scratch"]
     assert results["prior"]["abs_rel"] > 3 * results["scratch"]["abs_rel"]
+
+
+def test_crop_geometry__trains_on_windows_and_validates_on_whole_views(project: Path) -> None:
+    """finetune.augment.geometry: crop feeds the U-Net windows smaller than the training size
+    (no resize); the same network then predicts whole validation views at their own size, and
+    a few steps on the windows lower their loss."""
+    paths = project_paths(project)
+    params = load_params(paths.params)
+    augment = params.finetune.augment.model_copy(
+        update={"geometry": "crop", "crop_side": 0.75, "rotation_degrees": 2.5}
+    )
+    params = params.model_copy(
+        update={"finetune": params.finetune.model_copy(update={"augment": augment})}
+    )
+    torch.manual_seed(0)
+    module, spec = finetune.build_module(params, paths, "scratch")
+    train, val = finetune.datasets(params, paths)
+    windows = torch.utils.data.default_collate([train[i] for i in range(2)])
+    crop_h, crop_w = round(spec.height * 0.75), round(spec.width * 0.75)
+    assert windows["image"].shape[-2:] == (crop_h, crop_w)
+    assert module(windows["image"]).shape[-2:] == (crop_h, crop_w)
+    whole = torch.utils.data.default_collate([val[0]])
+    assert module(whole["image"]).shape[-2:] == (spec.height, spec.width)
+    # the overfit test's recipe (silog), shortened: the windows' loss must fall
+    optimizer = make_optimizer("adamw", module.parameters(), 1e-3, weight_decay=0.0)
+    schedule = one_cycle(optimizer, 1e-3, 20)
+    losses = []
+    for _ in range(20):
+        _, value = module._loss(windows)
+        assert value is not None and torch.isfinite(value)
+        losses.append(float(value))
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        schedule.step()
+    assert losses[-1] < 0.8 * losses[0], losses

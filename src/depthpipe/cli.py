@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from depthpipe.config import Params, load_params
+from depthpipe.distributed import stage_lock
 from depthpipe.paths import ProjectPaths, project_paths
 
 
@@ -30,7 +32,22 @@ def configure_environment(paths: ProjectPaths) -> None:
     os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
 
 
-def open_project(root: Path) -> tuple[Params, ProjectPaths]:
+def stage_name() -> str:
+    """This stage's name from its command line: ``python -m depthpipe.stages.evaluate`` has
+    sys.argv[0] .../evaluate.py (a test's run_main puts the module's name there)."""
+    first = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "stage"
+    return first.removesuffix(".py").rsplit(".", 1)[-1]
+
+
+def open_project(root: Path, lock: bool = True) -> tuple[Params, ProjectPaths]:
+    """The params and paths of the project at ``root``. ``lock``: hold the project's leader
+    lock until the stage's main returns (errors.run_cli lets go), so a single-process stage
+    (fetch, preprocess, evaluate, ...) never writes while another job leads the project; a
+    stage of the holding job (`hold`) goes on. The training stages pass False: their rank 0
+    alone takes it, around the training."""
     paths = project_paths(root)
     configure_environment(paths)
-    return load_params(paths.params), paths
+    params = load_params(paths.params)
+    if lock:
+        stage_lock(paths.leader_lock, stage_name())
+    return params, paths

@@ -36,8 +36,6 @@ DOWNLOADING_METHODS = ("distillation", "distillationv1", "distillationv2", "dino
 # DIODE's two domains, spelled as its folders are ("indoors" has an s, "outdoor" has none).
 DiodeDomain = Literal["outdoor", "indoors"]
 MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
-# Metres: the embedded data's scanner gives no return beyond it (depthpipe.data.synthetic).
-SYNTHETIC_SCANNER_RANGE = 350.0
 
 
 def _between(lo: float, hi: float) -> Any:
@@ -355,14 +353,23 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _synthetic_depths_in_range(self) -> Params:
-        # The renderer's scanner returns depths up to SYNTHETIC_SCANNER_RANGE; a valid range
-        # that starts beyond it leaves every split, validation and test included, without a
-        # valid pixel. Said here, before fetch renders anything.
-        if self.data.source == "synthetic" and self.depth.min_depth >= SYNTHETIC_SCANNER_RANGE:
+        # Said here, before fetch renders anything. No data.synthetic value can empty a split
+        # by itself (scene and view counts are at least 1, the held-out count is checked above,
+        # and every view shows ground below its horizon); the valid depth range can: the
+        # renderer returns depths from the nearest ground any view shows up to its scanner's
+        # range. (A range inside that band but too narrow for some split is caught later:
+        # preprocess drops samples without a valid pixel and fine-tuning names an empty split.)
+        if self.data.source != "synthetic":
+            return self
+        from depthpipe.data import synthetic  # lazily: numpy and PIL only when rendering
+
+        nearest, farthest = synthetic.nearest_ground_depth(), synthetic.SCANNER_RANGE
+        if self.depth.min_depth >= farthest or self.depth.max_depth < nearest:
             raise ValueError(
-                f"depth.min_depth {self.depth.min_depth} is beyond the synthetic scanner's "
-                f"range ({SYNTHETIC_SCANNER_RANGE} m) with data.source synthetic: the "
-                "validation and test splits would have no valid pixel"
+                f"depth.min_depth {self.depth.min_depth} .. depth.max_depth "
+                f"{self.depth.max_depth} misses the synthetic data's depths ({nearest:.2f} to "
+                f"{farthest:g} m) with data.source synthetic: the validation and test splits "
+                "would have no valid pixel"
             )
         return self
 

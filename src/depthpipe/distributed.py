@@ -3,14 +3,17 @@
 - ``check_launch``: refuse at once when the environment announces ranks that do not exist (a
   single-process ``dvc`` step inside a SLURM batch job would otherwise wait 30 minutes in
   ``init_process_group`` for ranks that never come), or a world size the params do not ask for.
-- ``project_lock`` and ``python -m depthpipe.distributed hold``: one leader per project. A file
-  lock (``flock``), so it goes with its holder when that dies, even by SIGKILL; the lock file's
-  text names the holder for whoever is refused.
+- ``project_lock``, ``stage_lock`` and ``python -m depthpipe.distributed hold``: one leader per
+  project. A file lock (``flock``), so it goes with its holder when that dies, even by SIGKILL;
+  the lock file's text names the holder for whoever is refused. Every stage takes it (the
+  single-process ones for their whole ``main``, a training stage's rank 0 while it trains).
 - ``stop_on_sigterm`` / ``sigterm_ends_training``: a SIGTERM (time limit, scancel) ends the
   stage with a non-zero status (``errors.Terminated``), never Lightning's bare exit 0.
 - ``discard_outputs``, ``DONE_MARKER``, ``remove_when_recorded`` and ``python -m
   depthpipe.distributed prune``: outputs are never left for ``dvc commit`` to record from an
   unfinished run, and a working folder goes only once its outputs are recorded.
+- ``python -m depthpipe.distributed recorded STAGE...``: whether dvc.lock records those stages
+  as up to date, each on its own (launch/slurm.sbatch asks before ``dvc repro evaluate``).
 
 Plain Python (no torch, no Lightning): `hold` and the doctor import it in a second. The
 Lightning parts of the same story are in depthpipe.trainer_plugins.
@@ -46,8 +49,13 @@ DONE_MARKER = "depthpipe-complete.json"
 # Set by `hold` for the command it runs: the token its lock file holds. A stage of the same job
 # (srun's tasks inherit the batch step's environment) then knows the lock is its own job's.
 HOLDER_TOKEN = "DEPTHPIPE_LEADER_TOKEN"
-# Errors of flock(2) on a filesystem that gives no locks (Lustre without -o flock, NFS mounted
-# nolock): two leaders could then run at once unseen.
+# Set by `hold` beside the token: the SLURM job that holds the lock ("" outside a job). A job
+# submitted from inside another one inherits both; launch/slurm.sbatch compares this with its
+# own SLURM_JOB_ID before it trusts them.
+HOLDER_JOB = "DEPTHPIPE_LEADER_JOB"
+# Errors of flock(2) on a filesystem that gives no locks (Lustre mounted without -o flock or
+# -o localflock): two leaders could then run at once unseen. (NFS nolock and local_lock=flock
+# give node-local locks that never fail: the doctor's leader line reads the mount options.)
 NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
 
@@ -89,10 +97,42 @@ def check_launch(section: str, cfg: TrainerConfig, env: Mapping[str, str] | None
             )
         if announced != wanted:
             raise DepthpipeError(f"{section}: the SLURM step has {announced} tasks, {asked}")
-    elif torchrun_manages(env) and int(env.get("WORLD_SIZE", "1")) != wanted:
+    elif torchrun_manages(env):
+        if int(env.get("WORLD_SIZE", "1")) != wanted:
+            raise DepthpipeError(
+                f"{section}: torchrun starts {env.get('WORLD_SIZE')} process(es) (WORLD_SIZE), "
+                f"{asked}"
+            )
+    elif cfg.num_nodes > 1 and not names_its_node(env):
+        # Lightning's own processes (no launcher) on several nodes need every node started by
+        # hand with NODE_RANK and MASTER_ADDR; without them each node waits for the others at
+        # the rendezvous until NCCL's timeout.
         raise DepthpipeError(
-            f"{section}: torchrun starts {env.get('WORLD_SIZE')} process(es) (WORLD_SIZE), {asked}"
+            f"{section}: {asked}, but no launcher starts the other nodes (no srun step, no "
+            "torchrun) and NODE_RANK / MASTER_ADDR are unset: use launch/slurm.sbatch or "
+            "launch/torchrun.sh (docs/clusters.md)"
         )
+
+
+def names_its_node(env: Mapping[str, str]) -> bool:
+    """Whether the environment says which node this is and where node 0 is (Lightning's
+    LightningEnvironment reads NODE_RANK or GROUP_RANK, and MASTER_ADDR)."""
+    return ("NODE_RANK" in env or "GROUP_RANK" in env) and "MASTER_ADDR" in env
+
+
+def launched(env: Mapping[str, str]) -> bool:
+    """Whether a launcher (a SLURM job's tasks, torchrun) or a hand-started node set runs this."""
+    return slurm_manages(env) or torchrun_manages(env) or names_its_node(env)
+
+
+def alone(cfg: TrainerConfig | None, env: Mapping[str, str] | None = None) -> bool:
+    """Whether this is the only process of its run on its own (no launcher; one device on one
+    node, or a single-process stage: ``cfg`` None). There a filesystem without file locks is a
+    warning, not a refusal: no other rank shares the project, and a laptop's or workstation's
+    odd filesystem must not stop the demo."""
+    env = os.environ if env is None else env
+    one = cfg is None or cfg.devices * cfg.num_nodes == 1
+    return one and not launched(env)
 
 
 def cpu_warning(section: str, cfg: TrainerConfig, cores: int) -> str | None:
@@ -152,18 +192,27 @@ def read_holder(lock: Path) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
-def _no_locks(lock: Path, error: OSError) -> DepthpipeError:
-    return DepthpipeError(
+class NoLocks(DepthpipeError):
+    """The project's filesystem gives no file locks (flock fails with ENOLCK and the like)."""
+
+
+def _no_locks(lock: Path, error: OSError) -> NoLocks:
+    return NoLocks(
         f"{lock}: this filesystem gives no file locks ({error.strerror}), so two jobs could "
-        "lead this project at once: mount it with locks (Lustre: -o flock; NFS: without "
-        "nolock or local_lock), see docs/clusters.md"
+        "lead this project at once: mount it with locks across nodes (Lustre: -o flock; NFS: "
+        "without nolock, with local_lock=none), see docs/clusters.md"
     )
 
 
 def try_lock(lock: Path) -> int | None:
     """An open descriptor holding ``lock`` exclusively, or None when another holds it."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:  # a read-only project, a file where the folder should be
+        raise DepthpipeError(
+            f"{lock}: cannot open the project's lock file: {error.strerror}"
+        ) from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -177,10 +226,32 @@ def try_lock(lock: Path) -> int | None:
     return fd
 
 
+def is_held(lock: Path) -> bool:
+    """Whether some process holds ``lock`` now: a try-lock on a fresh descriptor fails (flock
+    locks belong to an open file, so this fails even in the holder itself)."""
+    if not lock.is_file():
+        return False
+    fd = try_lock(lock)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def held_by_my_job(lock: Path, env: Mapping[str, str] | None = None) -> bool:
-    """Whether the lock's holder is the `hold` command this process runs under."""
-    token = (os.environ if env is None else env).get(HOLDER_TOKEN)
-    return bool(token) and read_holder(lock).get("token") == token
+    """Whether the lock's holder is the `hold` command this process runs under: the token it
+    inherited is the one in the lock file, the file is locked right now (a token inherited from
+    a holder that has since died would otherwise pass), and inside a SLURM job the holder is
+    this job (a job submitted from within another inherits the other's token)."""
+    env = os.environ if env is None else env
+    token = env.get(HOLDER_TOKEN)
+    holder = read_holder(lock)
+    if not token or holder.get("token") != token:
+        return False
+    job = env.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job") != job:
+        return False
+    return is_held(lock)
 
 
 def acquire(lock: Path, what: str) -> tuple[int, dict[str, Any]]:
@@ -198,18 +269,50 @@ def acquire(lock: Path, what: str) -> tuple[int, dict[str, Any]]:
     return fd, holder
 
 
+def take(lock: Path, what: str, lone: bool) -> int | None:
+    """The descriptor holding ``lock`` for ``what``; None when nothing needs closing: this
+    process's job holds it already (`hold`), or the filesystem gives no locks and ``lone``
+    (see ``alone``), which is said on stderr."""
+    if held_by_my_job(lock):
+        return None
+    try:
+        fd, _ = acquire(lock, what)
+    except NoLocks as error:
+        if not lone:
+            raise
+        print(f"warning: {error}; going on: this is the run's only process", file=sys.stderr)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
-def project_lock(lock: Path, what: str) -> Iterator[None]:
+def project_lock(lock: Path, what: str, lone: bool = False) -> Iterator[None]:
     """Hold the project's lock while the block runs, unless this process's job already holds
     it (`hold` in launch/slurm.sbatch). Released when the block ends or the process dies."""
-    if held_by_my_job(lock):
-        yield
-        return
-    fd, _ = acquire(lock, what)
+    fd = take(lock, what, lone)
     try:
         yield
     finally:
-        os.close(fd)  # closing the last descriptor releases a flock
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor releases a flock
+
+
+# The descriptor a single-process stage holds from open_project until its main returns
+# (errors.run_cli calls release_stage_lock): evaluate, fetch, ... need no code of their own.
+_STAGE_LOCK: list[int] = []
+
+
+def stage_lock(lock: Path, what: str) -> None:
+    """Take the project's lock for the rest of this stage's ``main`` (release_stage_lock)."""
+    fd = take(lock, what, alone(None))
+    if fd is not None:
+        _STAGE_LOCK.append(fd)
+
+
+def release_stage_lock() -> None:
+    """Let go of what stage_lock took (a no-op when it took nothing)."""
+    while _STAGE_LOCK:
+        os.close(_STAGE_LOCK.pop())
 
 
 def hold(root: Path, command: Sequence[str]) -> None:
@@ -221,6 +324,7 @@ def hold(root: Path, command: Sequence[str]) -> None:
     fd, holder = acquire(lock, " ".join(command))
     os.set_inheritable(fd, True)  # the lock lives in the open file: keep it across exec
     os.environ[HOLDER_TOKEN] = holder["token"]
+    os.environ[HOLDER_JOB] = holder["slurm_job"] or ""
     sys.stdout.flush()
     try:
         os.execvp(command[0], list(command))
@@ -277,10 +381,16 @@ def discard_outputs(*finals: Path) -> None:
             final.unlink()
 
 
-def recorded_on_exit(stage: str) -> bool:
+def recorded_on_exit(stage: str, env: Mapping[str, str] | None = None) -> bool:
     """Whether DVC runs this very stage (it sets DVC_STAGE) and so records its outputs the
-    moment it exits; under a launcher ``dvc commit`` comes later, in another command."""
-    return os.environ.get("DVC_STAGE") == stage
+    moment it exits; under a launcher ``dvc commit`` comes later, in another command.
+
+    DVC sets DVC_STAGE to the stage's address: the bare name for the dvc.yaml of the folder it
+    runs in, else ``<path to dvc.yaml>:<name>`` (``dvc.yaml:finetune@scratch`` or
+    ``../dvc.yaml:finetune@scratch``, by where ``dvc repro`` was started).
+    """
+    address = (os.environ if env is None else env).get("DVC_STAGE", "")
+    return address == stage or address.endswith(f":{stage}")
 
 
 def remove_when_recorded(stage: str, workdir: Path) -> None:
@@ -302,31 +412,75 @@ def done_workdirs(root: Path, stage: str, item: str) -> list[Path]:
     )
 
 
-def prune(root: Path, target: str) -> list[Path]:
-    """Remove the exported working folders of ``target`` (stage@item) once dvc.lock records it
-    as up to date; refuse (keeping them) while it does not."""
-    from dvc.repo import Repo  # heavy, and only this command needs it
+def stale_stages(root: Path, targets: Sequence[str], command: str) -> dict[str, Any]:
+    """``{target: what changed}`` for each of ``targets`` that dvc.lock does not record as up
+    to date, each judged on its own: its own deps, params and outs against dvc.lock, never its
+    upstream stages'. (``dvc status --with-deps`` always reports a stage below the
+    ``always_changed`` fingerprint stage, which is why the job does not ask it.)"""
+    from dvc.repo import Repo  # heavy, and only these commands need it
 
-    stage, _, item = target.partition("@")
-    if stage not in ("pretrain", "finetune") or not item:
-        raise DepthpipeError(f"prune: {target}: expected pretrain@<preset> or finetune@<name>")
+    stale: dict[str, Any] = {}
     try:
         # From inside the project: DVC resolves a stage's paths against the working folder.
         with contextlib.chdir(root), Repo(".") as repo:
-            changed = repo.status(targets=[target])
+            for target in targets:
+                changed = repo.status(targets=[target])
+                if changed:
+                    stale[target] = changed
     except Exception as error:  # DVC's errors for a bad project or target are many
         raise DepthpipeError(
-            f"prune: {target}: DVC cannot tell whether it is recorded: "
+            f"{command}: {' '.join(targets)}: DVC cannot tell whether they are recorded: "
             f"{type(error).__name__}: {error}"
         ) from error
-    if changed:
-        raise DepthpipeError(
-            f"prune: {target} is not recorded in dvc.lock as up to date ({changed}); its "
-            "working folder stays: run dvc commit first"
+    return stale
+
+
+def check_recorded(root: Path, targets: Sequence[str]) -> None:
+    """Raise naming each of ``targets`` that dvc.lock does not record as up to date."""
+    if not targets:
+        raise DepthpipeError("recorded: name the stages to check (e.g. finetune@scratch)")
+    stale = stale_stages(root, targets, "recorded")
+    if stale:
+        named = "; ".join(
+            f"{target} ({describe_change(changed)})" for target, changed in stale.items()
         )
-    removed = done_workdirs(root, stage, item)
-    for workdir in removed:
-        shutil.rmtree(workdir)
+        raise DepthpipeError(
+            f"recorded: not up to date in dvc.lock: {named}. Run them again (resubmit the job)"
+        )
+
+
+def describe_change(changed: Mapping[str, Any]) -> str:
+    """DVC's status of one stage ({address: [what changed]}) in a line."""
+    return "; ".join(json.dumps(what, default=str) for what in changed.values())
+
+
+def handoff_file(root: Path, preset: str) -> Path:
+    """Pretraining's hand-off from rank 0 to the other ranks of one launch
+    (depthpipe.stages.pretrain)."""
+    return project_paths(root).training_workdirs("pretrain") / f"{preset}.handoff.json"
+
+
+def prune(root: Path, target: str) -> list[Path]:
+    """Remove the exported working folders of ``target`` (stage@item) once dvc.lock records it
+    as up to date; refuse (keeping them) while it does not. Holds the project's lock (its job's
+    own under `hold`): no other leader is then writing the folders."""
+    stage, _, item = target.partition("@")
+    if stage not in ("pretrain", "finetune") or not item:
+        raise DepthpipeError(f"prune: {target}: expected pretrain@<preset> or finetune@<name>")
+    with project_lock(project_paths(root).leader_lock, f"prune {target}", alone(None)):
+        stale = stale_stages(root, [target], "prune")
+        if stale:
+            raise DepthpipeError(
+                f"prune: {target} is not recorded in dvc.lock as up to date "
+                f"({describe_change(stale[target])}); its working folder stays: run dvc "
+                "commit first"
+            )
+        removed = done_workdirs(root, stage, item)
+        for workdir in removed:
+            shutil.rmtree(workdir)
+        if stage == "pretrain":
+            # The launch that wrote it has ended: no rank reads it again.
+            handoff_file(root, item).unlink(missing_ok=True)
     return removed
 
 
@@ -337,7 +491,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m depthpipe.distributed",
         description="hold: run a command holding the project's leader lock (launch/slurm.sbatch); "
-        "prune: remove a recorded training stage's working folders.",
+        "prune: remove a recorded training stage's working folders; recorded: fail naming each "
+        "stage dvc.lock does not record as up to date.",
     )
     parser.add_argument("--root", type=Path, default=Path("."), help="project folder")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -345,9 +500,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     held.add_argument("run", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     pruned = commands.add_parser("prune", help="remove STAGE@ITEM's exported working folders")
     pruned.add_argument("target", help="pretrain@<preset> or finetune@<name>")
+    checked = commands.add_parser("recorded", help="fail unless dvc.lock records each STAGE")
+    checked.add_argument("targets", nargs="+", help="stage names (pretrain@<preset>, ...)")
     args = parser.parse_args(argv)
     if args.command == "hold":
         hold(args.root, [w for i, w in enumerate(args.run) if not (i == 0 and w == "--")])
+    elif args.command == "recorded":
+        check_recorded(args.root, args.targets)
+        print(f"recorded: up to date in dvc.lock: {' '.join(args.targets)}")
     else:
         for workdir in prune(args.root, args.target):
             print(f"prune: removed {workdir}")

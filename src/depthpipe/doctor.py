@@ -14,7 +14,10 @@ downloading anything, one PASS/WARN/FAIL line per check:
 - ``remote``: the default DVC remote takes a small probe object (written, read back, deleted);
 - ``raw data``: data/raw's state (its fetch report against the params, or not fetched yet);
 - ``leader``: the project's leader lock (depthpipe.distributed) is free or this job's, and the
-  filesystem gives file locks at all;
+  filesystem gives file locks at all, across nodes (not NFS ``nolock`` / ``local_lock=flock|all``
+  nor Lustre ``localflock``, where a lock holds on its own node only);
+- ``ranks``: what each process of a multi-process run gets: its own augmentations (pretraining
+  with ``num_workers`` 0 draws alike on every rank) and at least 2 images per BatchNorm batch;
 - ``dvc site``: multi-node params only: DVC's hash cache (``core.site_cache_dir``) on the
   project's filesystem, and ``core.hardlink_lock`` on a network filesystem;
 - ``cpus``: inside a SLURM job, whether ``srun`` hands each task ``--cpus-per-task``
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -576,10 +580,72 @@ def raw_data_check(params: Params, paths: ProjectPaths) -> Check:
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse")
 
 
-def leader_check(paths: ProjectPaths, env: dict[str, str] | None = None) -> Check:
+# The mount table: which filesystem holds a path, and with which options.
+MOUNTS = Path("/proc/mounts")
+
+
+@dataclass(frozen=True)
+class Mount:
+    point: Path
+    fstype: str
+    options: tuple[str, ...]
+
+
+def _unescape(field: str) -> str:
+    """A /proc/mounts field: space, tab, newline and backslash are written as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_of(path: Path, mounts: Path = MOUNTS) -> Mount | None:
+    """The mount holding ``path``: the longest mount point above it (the later line when two
+    are mounted on one point, as the kernel stacks them); None when the table is unreadable."""
+    target = existing(path).resolve()
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return None
+    found: Mount | None = None
+    for fields in (line.split() for line in lines):
+        if len(fields) < 4:
+            continue
+        point = Path(_unescape(fields[1]))
+        if point != target and point not in target.parents:
+            continue
+        if found is None or len(point.parts) >= len(found.point.parts):
+            found = Mount(point, fields[2], tuple(fields[3].split(",")))
+    return found
+
+
+def node_local_locks(mount: Mount) -> str | None:
+    """Why flock(2) on this mount locks within one node only (None when it does not): there the
+    leader lock is taken by a job on every node at once and stops nothing."""
+    options = set(mount.options)
+    where = f"{mount.point} ({mount.fstype})"
+    if "nolock" in options:
+        return f"{where} is mounted nolock: remount it without nolock"
+    for option in ("local_lock=flock", "local_lock=all"):
+        if option in options:
+            return f"{where} is mounted {option}: remount it with local_lock=none (the default)"
+    if "localflock" in options:
+        return f"{where} is mounted -o localflock: mount it with -o flock"
+    return None
+
+
+def leader_check(
+    paths: ProjectPaths, env: dict[str, str] | None = None, mounts: Path = MOUNTS
+) -> Check:
     """Whether this run may lead the project: its lock is free (taken and let go at once) or
-    held by the job this runs in, on a filesystem that gives file locks."""
+    held by the job this runs in, on a filesystem whose file locks hold across nodes."""
     lock = paths.leader_lock
+    mount = mount_of(paths.root, mounts)
+    why = node_local_locks(mount) if mount else None
+    if why:
+        return Check(
+            "FAIL",
+            "leader",
+            f"{why}: file locks there hold on one node only, so two jobs could lead this "
+            "project at once (docs/clusters.md)",
+        )
     if held_by_my_job(lock, env):
         return Check("PASS", "leader", f"{_label(lock, paths.root)}: held by this job")
     try:
@@ -595,15 +661,47 @@ def leader_check(paths: ProjectPaths, env: dict[str, str] | None = None) -> Chec
     return Check("PASS", "leader", f"{_label(lock, paths.root)}: free; file locks work here")
 
 
-def filesystem_type(path: Path) -> str:
-    """The type /proc/mounts gives the filesystem holding ``path`` ("" when unknown)."""
-    point = str(mount_point(path))
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return ""
-    types = {fields[1]: fields[2] for fields in (m.split() for m in mounts) if len(fields) > 2}
-    return types.get(point, "")
+def filesystem_type(path: Path, mounts: Path = MOUNTS) -> str:
+    """The type the mount table gives the filesystem holding ``path`` ("" when unknown)."""
+    mount = mount_of(path, mounts)
+    return mount.fstype if mount else ""
+
+
+def rank_checks(params: Params) -> list[Check]:
+    """What each process of a multi-process run gets: its own augmentations, and a BatchNorm
+    batch of more than one image (WARN lines; nothing to say for one process)."""
+    checks = []
+    pre = params.pretrain.trainer
+    world = pre.devices * pre.num_nodes
+    if world > 1 and pre.num_workers == 0:
+        # LightlyTrain seeds every rank alike (seed_everything(seed)); only loader workers get
+        # a per-rank seed (Lightning's pl_worker_init_function), and none run here.
+        checks.append(
+            Check(
+                "WARN",
+                "ranks",
+                f"pretrain: {world} processes with pretrain.trainer.num_workers 0 draw the same "
+                "augmentations on every rank: set num_workers to 1 or more (docs/clusters.md)",
+            )
+        )
+    fine = params.finetune.trainer
+    share = params.finetune.batch_size // (fine.devices * fine.num_nodes)
+    if share < 2:
+        # BatchNorm normalises over each process's own batch: one image gives it no spread
+        # (its running variance learns nothing) and the statistics no average.
+        checks.append(
+            Check(
+                "WARN",
+                "ranks",
+                f"finetune: batch_size {params.finetune.batch_size} over "
+                f"{fine.devices * fine.num_nodes} process(es) is {share} image(s) per process: "
+                "BatchNorm then normalises a single image; raise finetune.batch_size to at "
+                "least 2 per process (docs/clusters.md)",
+            )
+        )
+    return checks or [
+        Check("PASS", "ranks", "each process draws its own augmentations and batches")
+    ]
 
 
 def site_checks(
@@ -710,6 +808,7 @@ def run_checks(root: Path) -> list[Check]:
         ("finetune", params.finetune.trainer),
     ):
         checks += [precision_check(section, trainer, hw), devices_check(section, trainer, hw)]
+    checks += rank_checks(params)
     try:
         cache_dir, types = dvc_cache(paths.root)
         link = cache_link(types, cache_dir, paths.raw_diode.parent)

@@ -37,9 +37,16 @@ def reason(error: BaseException, path: Path) -> str:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; a DepthpipeError becomes one line on stderr and exit status 2."""
+    """Run a stage's ``main``; a DepthpipeError becomes one line on stderr and exit status 2.
+    The project lock a stage took in cli.open_project is let go as ``main`` ends."""
     try:
-        main()
+        try:
+            main()
+        finally:
+            # Imported here: depthpipe.distributed imports this module.
+            from depthpipe.distributed import release_stage_lock
+
+            release_stage_lock()
     except DepthpipeError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

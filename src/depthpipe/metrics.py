@@ -6,7 +6,9 @@ rmse_log = sqrt(mean(g^2)), log10 = mean(|log10 p - log10 d|),
 silog = 100 sqrt(mean(g^2) - mean(g)^2), delta_k = fraction with max(p/d, d/p) < 1.25^k.
 
 Scale-aligned metrics (``*_aligned``) score the prediction times median(d / p) over the image's
-valid pixels (Monodepth2's protocol, clipped to the valid range afterwards): what is left is the
+valid pixels (the per-pixel ratio's median, the lower middle value for an even count; Monodepth2
+scales by median(d) / median(p) instead, which agrees for a pure scale error), clipped to the
+valid range afterwards: what is left is the
 error of the depth map's structure, with the global scale error taken out. Read beside the
 metric ones they tell a network that has the layout right at the wrong scale from one that has
 the layout wrong.
@@ -123,4 +125,7 @@ def average_metrics(per_image: list[dict[str, float]]) -> dict[str, float]:
     weighs the same)."""
     if not per_image:
         raise ValueError("no image to average")
-    return {name: math.fsum(m[name] for m in per_image) / len(per_image) for name in per_image[0]}
+    names = per_image[0].keys()
+    if any(m.keys() != names for m in per_image):
+        raise ValueError("images carry different metrics: an average would mix them")
+    return {name: math.fsum(m[name] for m in per_image) / len(per_image) for name in names}

@@ -134,3 +134,25 @@ def test_fetch__megadepth_layout_sizes_vary_by_scene(tiny_project: Path) -> None
     assert all(len(s) == 1 for s in sizes_by_scene.values())  # one size within a scene
     assert len(sizes_by_scene) == 2 and all(re.match(r"^\d{4}$", s) for s in sizes_by_scene)
     assert len({size for sizes in sizes_by_scene.values() for size in sizes}) == 2  # differ
+
+
+def test_nearest_ground_depth__the_lowest_camera_looking_down_sees_ground_just_beyond_it() -> None:
+    """The bound config checks depth ranges with: an empty street seen by the lowest camera,
+    pitched down the most, has its nearest ground at the bottom edge of the frame."""
+    empty = synthetic.Scene(
+        boxes=(), poles=(), sun=(0.0, 1.0, 0.0), ground_colour=(0.5, 0.5, 0.5), texture_seed=0
+    )
+    camera = synthetic.Camera(
+        position=(0.0, synthetic.CAMERA_HEIGHT[0], 0.0),
+        yaw=0.0,
+        pitch=np.radians(synthetic.PITCH_DEGREES[0]),
+        roll=0.0,
+        width=256,
+        height=192,
+    )
+    _, depth, valid = synthetic.render(empty, camera)
+    nearest = synthetic.nearest_ground_depth()
+    closest = float(depth[valid].min())
+    # pixel centres sit half a pixel inside the frame's edge, so a little farther than the edge
+    assert nearest <= closest <= nearest * 1.02
+    assert valid[-1].all()  # the bottom row is ground, valid in every column

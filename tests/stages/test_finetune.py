@@ -23,12 +23,22 @@ from depthpipe.errors import DepthpipeError
 from depthpipe.model import load_finetuned
 from depthpipe.paths import VALIDATION_SPLIT, project_paths
 from depthpipe.stages import finetune
+from depthpipe.trainer_plugins import RankSeed
 from tests.helpers import copy_project, run_main, run_module, write_params
 
 
 @pytest.fixture
 def project(scratch_project: Path, tmp_path: Path) -> Path:
     return copy_project(scratch_project, tmp_path / "p")
+
+
+def test_make_trainer__installs_rank_seed(project: Path, tmp_path: Path) -> None:
+    """The stage's own Trainer carries RankSeed with the params' seed (the DDP probe,
+    tests/test_distributed.py, proves what RankSeed does with a Trainer of its own)."""
+    params = load_params(project_paths(project).params)
+    trainer = finetune.make_trainer(params, tmp_path / "work", {"abs_rel": 1.0}, resume=False)
+    seeds = [c for c in trainer.callbacks if isinstance(c, RankSeed)]
+    assert len(seeds) == 1 and seeds[0].seed == params.seed
 
 
 def test_load_encoder__wrong_architecture_names_keys(tmp_path: Path) -> None:

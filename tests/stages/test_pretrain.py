@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from depthpipe.config import load_params
-from depthpipe.distributed import DONE_MARKER
+from depthpipe.distributed import DONE_MARKER, handoff_file
 from depthpipe.encoders import load_encoder
 from depthpipe.errors import DepthpipeError
 from depthpipe.paths import project_paths
@@ -39,8 +39,12 @@ def test_pretrain__exports_strict_encoder_and_dvclive(
     stale = paths.encoder_dir("aggressive") / "from-other-params.pt"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
+    handoff = handoff_file(project, "aggressive")  # a killed launch's decision
+    handoff.parent.mkdir(parents=True)
+    handoff.write_text('{"launch": "slurm-7.0.r0", "workdir": "elsewhere", "resume": true}\n')
     stats = pretrain.run(load_params(paths.params), paths, "aggressive")
     assert not stale.exists()  # outputs are discarded first, as dvc repro does
+    assert not handoff.exists()  # read by every rank before training: removed after it
     assert stats["resumed"] is False and stats["images"] == 8
     encoder = load_encoder("resnet18", paths.encoder_file("aggressive"))
     assert sum(p.numel() for p in encoder.parameters()) > 11_000_000
@@ -152,6 +156,36 @@ def test_pretrain__unknown_preset_and_empty_folder(project: Path) -> None:
     assert result.returncode == 2 and "image folder not found" in result.stderr
 
 
+def test_pretrain__requeued_job_ignores_the_last_runs_hand_off(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requeued SLURM job keeps its job id and numbers its steps from 0 again: the hand-off
+    its killed run left (same job, same step) is not this launch's, so a rank waits for rank 0's
+    new decision instead of resuming where the old one said."""
+    paths = project_paths(project)
+    params = load_params(paths.params)
+    first = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"}
+    requeued = {**first, "SLURM_RESTART_COUNT": "1"}
+    assert pretrain.launcher_id(first) == "slurm-7.0.r0"
+    assert pretrain.launcher_id(requeued) == "slurm-7.0.r1"
+    started = {**requeued, "SLURM_JOB_START_TIME": "1765000000"}
+    assert pretrain.launcher_id(started) == "slurm-7.0.r1.t1765000000"
+    old = paths.pretrain_workdir("aggressive", "0" * 12)
+    handoff = handoff_file(project, "aggressive")
+    handoff.parent.mkdir(parents=True)
+    stale = {"key": "0" * 12, "workdir": str(old), "resume": True, "start_epoch": 3, "images": 8}
+    handoff.write_text(json.dumps({**stale, "launch": pretrain.launcher_id(first)}) + "\n")
+    for name, value in requeued.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(pretrain, "HANDOFF_WAIT_S", 1.5)  # the wait itself is not the point
+    with pytest.raises(DepthpipeError, match=r"rank 0 wrote no decision for launch slurm-7\.0\.r1"):
+        pretrain.take_over(paths, "aggressive")
+    # Rank 0 of the requeued job decides afresh; the other ranks then take that decision.
+    decision = pretrain.decide(params, paths, "aggressive", leader=True)
+    assert decision["workdir"] != str(old) and decision["resume"] is False
+    assert pretrain.take_over(paths, "aggressive") == {**decision, "launch": "slurm-7.0.r1"}
+
+
 def _start(project: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "depthpipe.stages.pretrain", "conservative"],
@@ -226,3 +260,49 @@ def test_pretrain__two_processes_ddp_on_cpu(project: Path) -> None:
     taken = re.findall(r"pretrain@aggressive: this rank takes rank 0's decision .*", log)
     assert len(taken) == 1, log[-2000:]
     assert "resume False" in taken[0]
+
+
+@pytest.mark.slow
+def test_pretrain__sigterm_exits_non_zero_leaving_no_output_to_record(
+    project: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (a job's time limit, scancel) once LightlyTrain trains (its first checkpoint is
+    written): the stage exits 143, and neither its outputs nor stale ones of earlier params are
+    there for `dvc commit --force` to record; the working folder stays, not marked done."""
+    write_params(project, {"pretrain": {"epochs": 20}})  # far from its end when signalled
+    paths = project_paths(project)
+    stale = paths.encoder_file("conservative")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"weights of other params")
+    paths.pretrain_live("conservative").mkdir(parents=True)
+    log = tmp_path / "pretrain.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "depthpipe.stages.pretrain", "conservative"],
+            cwd=project,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while process.poll() is None and time.monotonic() < deadline:
+            if any(
+                _complete_zip(w / "checkpoints" / "last.ckpt")
+                for w in _workdirs(project, "conservative")
+            ):
+                process.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+        status = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert status == 143, text[-3000:]
+    assert "terminated: SIGTERM" in text
+    assert not paths.encoder_dir("conservative").exists()
+    assert not paths.pretrain_live("conservative").exists()
+    [workdir] = _workdirs(project, "conservative")
+    assert not (workdir / DONE_MARKER).exists()
+    assert pretrain.checkpoint_epoch(workdir / "checkpoints" / "last.ckpt") < 20

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from depthpipe.config import SYNTHETIC_SCANNER_RANGE
 from depthpipe.data import diode
 
 # DIODE's camera at 1024x768 (DIODE devkit / Vasiljevic et al. 2019): 60 x 45 degree field of view.
 DIODE_FX, DIODE_FY, DIODE_WIDTH, DIODE_HEIGHT = 886.81, 927.06, 1024, 768
-# metres: beyond it the FARO scanner gets no return (mask 0); config checks depth ranges by it
-SCANNER_RANGE = SYNTHETIC_SCANNER_RANGE
+SCANNER_RANGE = 350.0  # metres: beyond it the FARO scanner gets no return (mask 0)
+CAMERA_HEIGHT = (1.0, 2.0)  # metres above the ground, drawn per scan
+PITCH_DEGREES = (-6.0, 8.0)  # drawn per view; positive looks up
 HAZE_PER_METRE = 1.0 / 250.0  # extinction coefficient: half the contrast is gone at ~170 m
 SKY_HORIZON = np.array([0.78, 0.84, 0.90])
 SKY_ZENITH = np.array([0.30, 0.48, 0.80])
@@ -335,13 +335,23 @@ def render(scene: Scene, camera: Camera) -> tuple[np.ndarray, np.ndarray, np.nda
     return image, depth, valid
 
 
+def nearest_ground_depth() -> float:
+    """The smallest z-depth of ground any view can show: the lowest camera, pitched down the
+    most, at the bottom edge of the frame. Every view has ground below its horizon there, so a
+    valid depth range below this leaves the embedded data without a valid ground pixel."""
+    down = math.radians(-PITCH_DEGREES[0])
+    bottom_ray = (DIODE_HEIGHT / 2) / DIODE_FY  # camera-y per unit z-depth at the bottom edge
+    # World-downward component of that ray per unit z-depth, with the camera pitched down.
+    return CAMERA_HEIGHT[0] / (math.sin(down) + math.cos(down) * bottom_ray)
+
+
 def view_camera(
     seed: int, scene_id: int, scan_id: int, view: int, width: int, height: int
 ) -> tuple[Camera, int, int]:
     """The camera of one view and its DIODE name angles (AAA = yaw degrees, BBB = tilt index)."""
     scan_rng = np.random.default_rng([seed, scene_id, scan_id, 0x5CA7])
     x, z = scan_rng.uniform(-4, 4, size=2)
-    cam_height = scan_rng.uniform(1.0, 2.0)
+    cam_height = scan_rng.uniform(*CAMERA_HEIGHT)
     # Distinct (yaw, tilt) per view of a scan, so no two views share a file name.
     code = int(scan_rng.permutation(VIEW_ANGLES)[view % VIEW_ANGLES])
     yaw_deg, tilt = (code // 6) * 10, (code % 6) * 10
@@ -349,7 +359,7 @@ def view_camera(
     camera = Camera(
         position=(float(x), float(cam_height), float(z)),
         yaw=math.radians(yaw_deg),
-        pitch=math.radians(rng.uniform(-6.0, 8.0)),
+        pitch=math.radians(rng.uniform(*PITCH_DEGREES)),
         roll=math.radians(rng.uniform(-3.0, 3.0)),
         width=width,
         height=height,

@@ -46,6 +46,7 @@ from depthpipe.config import Params
 from depthpipe.data.packed import INDEX_FILE, Batch, PackedDepthDataset
 from depthpipe.distributed import (
     DONE_MARKER,
+    alone,
     check_rank,
     discard_outputs,
     project_lock,
@@ -535,7 +536,7 @@ def run(params: Params, paths: ProjectPaths, name: str) -> dict[str, Any]:
     check_rank("finetune", params.finetune.trainer)
     if not is_global_zero():
         return train(params, paths, name, leader=False)
-    with project_lock(paths.leader_lock, f"finetune@{name}"):
+    with project_lock(paths.leader_lock, f"finetune@{name}", alone(params.finetune.trainer)):
         discard_outputs(paths.finetune_dir(name), paths.finetune_live(name))
         return train(params, paths, name, leader=True)
 
@@ -607,7 +608,7 @@ def export_done(
 def main() -> None:
     args = stage_arguments(__doc__, "name", f"'{SCRATCH}' or a key of pretrain.presets")
     stop_on_sigterm()
-    params, paths = open_project(args.root)
+    params, paths = open_project(args.root, lock=False)  # rank 0 locks in run()
     summary = run(params, paths, args.name)
     if summary:
         print(f"finetune@{args.name}: {json.dumps(summary)}")

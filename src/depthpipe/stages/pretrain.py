@@ -34,8 +34,10 @@ from depthpipe.cli import open_project, stage_arguments
 from depthpipe.config import Params
 from depthpipe.distributed import (
     DONE_MARKER,
+    alone,
     check_rank,
     discard_outputs,
+    handoff_file,
     project_lock,
     remove_when_recorded,
     sigterm_ends_training,
@@ -57,8 +59,6 @@ from depthpipe.paths import (
     is_image,
 )
 
-# The leader's decision for the other ranks of one launch (beside the working folders).
-HANDOFF = "{preset}.handoff.json"
 # Set by the leader when no launcher names the launch: Lightning's own DDP processes inherit it.
 LAUNCH_ID = "DEPTHPIPE_LAUNCH_ID"
 HANDOFF_WAIT_S = 1800.0  # the leader lists every image first: minutes for 128k on a slow share
@@ -149,9 +149,16 @@ def checkpoint_epoch(checkpoint: Path) -> int:
 
 
 def launcher_id(env: Mapping[str, str]) -> str | None:
-    """What a launcher calls this launch on every rank: a SLURM step or a torchrun run id."""
+    """What a launcher calls this launch on every rank: a SLURM step or a torchrun run id.
+
+    A requeued SLURM job keeps its job id and numbers its steps from 0 again: its restart count
+    (SLURM_RESTART_COUNT, unset before the first requeue) and start time tell its steps from
+    the earlier run's, whose hand-off may still lie there (a run killed mid-way).
+    """
     if "SLURM_STEP_ID" in env and "SLURM_JOB_ID" in env:
-        return f"slurm-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
+        restart = env.get("SLURM_RESTART_COUNT", "0")
+        started = f".t{env['SLURM_JOB_START_TIME']}" if env.get("SLURM_JOB_START_TIME") else ""
+        return f"slurm-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}.r{restart}{started}"
     run = env.get("TORCHELASTIC_RUN_ID", "none")
     return f"torchrun-{run}" if torchrun_manages(env) and run != "none" else None
 
@@ -162,8 +169,9 @@ def hand_off(paths: ProjectPaths, preset: str, decision: dict[str, Any]) -> None
     if launch is None:
         # A new id for every run: Lightning starts the other processes with this environment.
         launch = os.environ[LAUNCH_ID] = uuid.uuid4().hex
-    handoff = paths.training_workdirs("pretrain") / HANDOFF.format(preset=preset)
-    write_text_atomic(handoff, json.dumps({**decision, "launch": launch}) + "\n")
+    write_text_atomic(
+        handoff_file(paths.root, preset), json.dumps({**decision, "launch": launch}) + "\n"
+    )
 
 
 def take_over(paths: ProjectPaths, preset: str) -> dict[str, Any] | None:
@@ -172,7 +180,7 @@ def take_over(paths: ProjectPaths, preset: str) -> dict[str, Any] | None:
     launch = launcher_id(os.environ) or os.environ.get(LAUNCH_ID)
     if launch is None:
         return None
-    handoff = paths.training_workdirs("pretrain") / HANDOFF.format(preset=preset)
+    handoff = handoff_file(paths.root, preset)
     deadline = time.monotonic() + HANDOFF_WAIT_S
     while time.monotonic() < deadline:
         try:
@@ -283,10 +291,14 @@ def run(params: Params, paths: ProjectPaths, preset: str) -> dict[str, Any]:
             f"pretrain: preset '{preset}' is not in pretrain.presets "
             f"(have: {', '.join(sorted(params.pretrain.presets))})"
         )
-    check_rank("pretrain", params.pretrain.trainer)
+    cfg = params.pretrain.trainer
+    check_rank("pretrain", cfg)
     if not is_global_zero():
         return train(params, paths, preset, leader=False)
-    with project_lock(paths.leader_lock, f"pretrain@{preset}"):
+    with project_lock(paths.leader_lock, f"pretrain@{preset}", alone(cfg)):
+        # An earlier launch's decision (a run killed before it ended) goes before this one's
+        # is written: no rank of this launch can take it for its own.
+        handoff_file(paths.root, preset).unlink(missing_ok=True)
         discard_outputs(paths.encoder_dir(preset), paths.pretrain_live(preset))
         return train(params, paths, preset, leader=True)
 
@@ -341,6 +353,10 @@ def train(params: Params, paths: ProjectPaths, preset: str, leader: bool) -> dic
     if not (workdir / DONE_MARKER).is_file():
         arguments = lightly_arguments(params, preset)
         seconds = pretrain(arguments, paths.processed_megadepth, workdir, resume, leader)
+        if leader:
+            # Every rank read it before it joined the process group, which training needs:
+            # nobody reads it again. (Without training, prune removes it after dvc commit.)
+            handoff_file(paths.root, preset).unlink(missing_ok=True)
     stats = {
         "preset": preset,
         "run_key": decision["key"],
@@ -366,7 +382,7 @@ def train(params: Params, paths: ProjectPaths, preset: str, leader: bool) -> dic
 def main() -> None:
     args = stage_arguments(__doc__, "preset", "a key of pretrain.presets in params.yaml")
     stop_on_sigterm()
-    params, paths = open_project(args.root)
+    params, paths = open_project(args.root, lock=False)  # rank 0 locks in run()
     stats = run(params, paths, args.preset)
     if is_global_zero():
         print(f"pretrain@{args.preset}: {json.dumps(stats)}")
