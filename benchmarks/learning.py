@@ -4,6 +4,7 @@
     python benchmarks/learning.py --override '{"finetune": {"loss": "l1_log", "lr": 0.001}}'
     python benchmarks/learning.py --override '{"finetune": {"augment": {"geometry": "flip"}}}'
     python benchmarks/learning.py --encoder conservative  # pretrain@conservative first
+    python benchmarks/learning.py --encoder conservative --pretrain-only  # its loss alone
 
 Renders and packs the data of the (overridden) params in a temporary project, runs the real
 ``init_scratch`` (or ``pretrain@<preset>``, with its loss by epoch beside the method's chance
@@ -151,9 +152,16 @@ def main() -> None:
         "--encoder", default=SCRATCH, help="scratch, or a pretrain preset to pretrain first"
     )
     parser.add_argument(
+        "--pretrain-only",
+        action="store_true",
+        help="with --encoder <preset>: report the pretraining alone (time, loss, chance level)",
+    )
+    parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "depthpipe-learning"
     )
     args = parser.parse_args()
+    if args.pretrain_only and args.encoder == SCRATCH:
+        parser.error("--pretrain-only needs --encoder <preset>: scratch is not pretrained")
     params = deep_merge(committed_params(), json.loads(args.override))
     data_root = prepared_data(params, args.cache)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,6 +172,9 @@ def main() -> None:
         paths = project_paths(root)
         loaded = load_params(paths.params)
         pretraining = prepare_encoder(loaded, paths, args.encoder)
+        if args.pretrain_only:
+            print(json.dumps({"override": json.loads(args.override), **pretraining}, indent=1))
+            return
         start = time.perf_counter()
         summary = finetune.run(loaded, paths, args.encoder)
         seconds = time.perf_counter() - start

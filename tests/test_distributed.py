@@ -288,8 +288,9 @@ def test_stage_lock__single_process_stages_refuse_while_another_leads(
             capsys.readouterr().err
         )
         assert not encoder.exists()
-        assert run_main(fingerprint.main, cwd=root) == 2
-        assert "held by sleep 120" in capsys.readouterr().err
+        # fingerprint alone goes on: a second `dvc repro` reaches it while the first still
+        # runs, and it rewrites one small file (stages/fingerprint.py says why)
+        assert run_main(fingerprint.main, cwd=root) == 0
     finally:
         holding.kill()
         holding.wait(timeout=60)
@@ -310,7 +311,8 @@ def _no_flock(fd: int, operation: int) -> None:
         (None, {}, True),  # a single-process stage on a laptop
         ({"devices": 1}, {}, True),  # the CPU demo's training
         ({"devices": 2}, {}, False),  # Lightning's own 2 processes share the project
-        ({"devices": 1}, {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "d"}, False),  # a job's task
+        ({"devices": 1}, {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "d"}, True),  # one-task job
+        ({"devices": 1}, {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "d"}, False),  # a job's task
         (None, {"NODE_RANK": "0", "MASTER_ADDR": "n0"}, False),
     ],
 )
@@ -341,11 +343,11 @@ def test_project_lock__no_locks_warns_for_a_lone_process_and_refuses_otherwise(
     assert "warning: " in capsys.readouterr().err
     for name in ("SLURM_NTASKS", "WORLD_SIZE", "RANK", "NODE_RANK", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
-    assert run_main(fingerprint.main, cwd=root) == 0  # the demo's stages go on, warned
+    assert run_main(init_scratch.main, cwd=root) == 0  # the demo's stages go on, warned
     assert "gives no file locks" in capsys.readouterr().err
     monkeypatch.setenv("NODE_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "node01")
-    assert run_main(fingerprint.main, cwd=root) == 2
+    assert run_main(init_scratch.main, cwd=root) == 2
     assert "error: " in capsys.readouterr().err
 
 

@@ -547,7 +547,8 @@ def test_slurm_job__one_leader_and_checked_stages() -> None:
     evaluate = next(i for i, line in enumerate(lines) if line == "dvc repro evaluate")
     assert check < evaluate
     checked = " ".join(lines[check : check + 2])
-    for stage in ('"pretrain@$AUG"', "init_scratch", '"finetune@scratch"', '"finetune@$AUG"'):
+    stages = ("fetch", "preprocess", '"pretrain@$AUG"', "init_scratch", '"finetune@scratch"')
+    for stage in (*stages, '"finetune@$AUG"'):
         assert stage in checked, checked
     commit = next(i for i, line in enumerate(lines) if line.startswith("dvc commit --force"))
     assert "depthpipe.distributed prune" in lines[commit + 1]
@@ -629,11 +630,23 @@ def test_launch_file__depthpipe_commands_exist(path: Path) -> None:
 def test_cpus_check__srun_gets_the_jobs_cpus_per_task(
     env: dict[str, str], status: str, says: str
 ) -> None:
-    params = parse_params(
-        deep_merge(committed_params(), {"finetune": {"trainer": {"num_workers": 8}}})
-    )
+    two_gpus = {"num_workers": 8, "devices": 2, "accelerator": "gpu"}
+    params = parse_params(deep_merge(committed_params(), {"finetune": {"trainer": two_gpus}}))
     check = doctor.cpus_check(params, env)
     assert check.status == status and says in check.message, check.line()
+
+
+@pytest.mark.parametrize("workers", [0, 8])
+def test_cpus_check__a_one_process_job_needs_no_srun_cpus(workers: int) -> None:
+    """`sbatch --wrap "dvc repro"` on one GPU: no srun starts the training, so neither
+    --cpus-per-task nor SRUN_CPUS_PER_TASK is needed."""
+    params = parse_params(
+        deep_merge(committed_params(), {"finetune": {"trainer": {"num_workers": workers}}})
+    )
+    job = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "d", "SLURM_CPUS_PER_TASK": "9"}
+    for env in (job, {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "d"}):
+        check = doctor.cpus_check(params, env)
+        assert check.status == "PASS" and "one process per stage" in check.message, check.line()
 
 
 def test_site_checks__multi_node_needs_a_shared_hash_cache_and_hardlink_locks(
@@ -700,6 +713,9 @@ def test_leader_check__node_local_locks_fail_naming_the_mount_option(
     assert check.status == "FAIL" and says in check.message, check.line()
     assert str(real.parent) in check.message and "one node only" in check.message
     assert not project_paths(root).leader_lock.exists()  # refused before it took anything
+    # one process on one machine: the stages go on there (warned), so the doctor warns too
+    alone = doctor.leader_check(project_paths(root), {}, table, shared=False)
+    assert alone.status == "WARN" and says in alone.message, alone.line()
 
 
 def test_leader_check__the_longest_mount_point_decides(tmp_path: Path) -> None:
@@ -724,13 +740,13 @@ def _params_with(**sections: Any) -> Any:
     return parse_params(deep_merge(committed_params(), sections))
 
 
-def test_rank_checks__same_augmentations_and_one_image_batches_warn() -> None:
+def test_rank_checks__same_augmentations_fail_and_one_image_batches_warn() -> None:
     two = {"devices": 2, "accelerator": "cpu"}
     alike = doctor.rank_checks(
         _params_with(pretrain={"batch_size": 8, "trainer": {**two, "num_workers": 0}})
     )
     [warning] = alike
-    assert warning.status == "WARN" and warning.topic == "ranks"
+    assert warning.status == "FAIL" and warning.topic == "ranks"
     assert "pretrain.trainer.num_workers 0 draw the same augmentations" in warning.message
     own = doctor.rank_checks(
         _params_with(pretrain={"batch_size": 8, "trainer": {**two, "num_workers": 2}})

@@ -61,13 +61,13 @@ def test_profile__unknown_key_rejected(project: Path) -> None:
 
 
 def test_profile__study_is_sized_for_the_seed_grid(project: Path) -> None:
-    """The study profile's promises: >= 10 test scans for a scan-level interval, >= 4 validation
+    """The study profile's promises: >= 20 test scans for a scan-level interval, >= 4 validation
     scenes, pretraining long enough to move the weights, and back to the demo afterwards."""
     original = (project / "params.yaml").read_text()
     apply_profile(project / "params.yaml", project / "profiles" / "study.yaml")
     study = load_params(project / "params.yaml")
     synthetic = study.data.synthetic
-    assert synthetic.val_scenes * synthetic.scans_per_scene >= 10
+    assert synthetic.val_scenes * synthetic.scans_per_scene >= 20
     assert round(study.preprocess.val_fraction * synthetic.train_scenes) >= 4
     photos = synthetic.megadepth_scenes * synthetic.megadepth_images_per_scene
     assert study.pretrain.epochs * (photos // study.pretrain.batch_size) >= 90  # optimiser steps

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from depthpipe.data.synthetic_camera import SCANNER_RANGE, nearest_ground_depth
 from depthpipe.errors import ConfigError
 from depthpipe.paths import SCRATCH
 
@@ -361,9 +362,7 @@ class Params(Section):
         # preprocess drops samples without a valid pixel and fine-tuning names an empty split.)
         if self.data.source != "synthetic":
             return self
-        from depthpipe.data import synthetic  # lazily: numpy and PIL only when rendering
-
-        nearest, farthest = synthetic.nearest_ground_depth(), synthetic.SCANNER_RANGE
+        nearest, farthest = nearest_ground_depth(), SCANNER_RANGE
         if self.depth.min_depth >= farthest or self.depth.max_depth < nearest:
             raise ValueError(
                 f"depth.min_depth {self.depth.min_depth} .. depth.max_depth "

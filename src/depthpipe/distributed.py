@@ -126,13 +126,16 @@ def launched(env: Mapping[str, str]) -> bool:
 
 
 def alone(cfg: TrainerConfig | None, env: Mapping[str, str] | None = None) -> bool:
-    """Whether this is the only process of its run on its own (no launcher; one device on one
-    node, or a single-process stage: ``cfg`` None). There a filesystem without file locks is a
-    warning, not a refusal: no other rank shares the project, and a laptop's or workstation's
-    odd filesystem must not stop the demo."""
+    """Whether this is the only process of its run (one device on one node, or a
+    single-process stage: ``cfg`` None), with no launcher announcing more (a one-task SLURM
+    job counts as alone: `sbatch --wrap "dvc repro"` on one GPU). There a filesystem without
+    file locks is a warning, not a refusal: no other rank shares the project, and a laptop's,
+    a workstation's or a one-GPU job's odd filesystem must not stop the run."""
     env = os.environ if env is None else env
     one = cfg is None or cfg.devices * cfg.num_nodes == 1
-    return one and not launched(env)
+    one_task_job = slurm_manages(env) and env.get("SLURM_NTASKS") == "1"
+    others = torchrun_manages(env) or names_its_node(env)
+    return one and not others and (one_task_job or not slurm_manages(env))
 
 
 def cpu_warning(section: str, cfg: TrainerConfig, cores: int) -> str | None:

@@ -46,6 +46,7 @@ from depthpipe.data.download import free_bytes, human_size
 from depthpipe.distributed import (
     held_by_my_job,
     holder_text,
+    launched,
     read_holder,
     slurm_manages,
     try_lock,
@@ -632,16 +633,25 @@ def node_local_locks(mount: Mount) -> str | None:
 
 
 def leader_check(
-    paths: ProjectPaths, env: dict[str, str] | None = None, mounts: Path = MOUNTS
+    paths: ProjectPaths,
+    env: dict[str, str] | None = None,
+    mounts: Path = MOUNTS,
+    shared: bool = True,
 ) -> Check:
     """Whether this run may lead the project: its lock is free (taken and let go at once) or
-    held by the job this runs in, on a filesystem whose file locks hold across nodes."""
+    held by the job this runs in, on a filesystem whose file locks hold across nodes.
+
+    ``shared``: the params run processes on several nodes, or under a launcher. Only then do
+    locks that hold on one node (or none at all) fail the check; a single process on one
+    machine, which the stages let go on with a warning (distributed.alone), gets a WARN.
+    """
     lock = paths.leader_lock
+    weak: Status = "FAIL" if shared else "WARN"
     mount = mount_of(paths.root, mounts)
     why = node_local_locks(mount) if mount else None
     if why:
         return Check(
-            "FAIL",
+            weak,
             "leader",
             f"{why}: file locks there hold on one node only, so two jobs could lead this "
             "project at once (docs/clusters.md)",
@@ -651,7 +661,7 @@ def leader_check(
     try:
         fd = try_lock(lock)
     except DepthpipeError as error:
-        return Check("FAIL", "leader", str(error))
+        return Check(weak, "leader", str(error))
     except OSError as error:
         return Check("FAIL", "leader", f"{lock}: cannot open the lock file: {error.strerror}")
     if fd is None:
@@ -668,17 +678,19 @@ def filesystem_type(path: Path, mounts: Path = MOUNTS) -> str:
 
 
 def rank_checks(params: Params) -> list[Check]:
-    """What each process of a multi-process run gets: its own augmentations, and a BatchNorm
-    batch of more than one image (WARN lines; nothing to say for one process)."""
+    """What each process of a multi-process run gets: its own augmentations (FAIL without) and
+    a BatchNorm batch of more than one image (WARN); nothing to say for one process."""
     checks = []
     pre = params.pretrain.trainer
     world = pre.devices * pre.num_nodes
     if world > 1 and pre.num_workers == 0:
         # LightlyTrain seeds every rank alike (seed_everything(seed)); only loader workers get
         # a per-rank seed (Lightning's pl_worker_init_function), and none run here.
+        # FAIL, not WARN: the ranks would pretrain on the same views, a silent waste of all
+        # but one GPU, and the params fix it.
         checks.append(
             Check(
-                "WARN",
+                "FAIL",
                 "ranks",
                 f"pretrain: {world} processes with pretrain.trainer.num_workers 0 draw the same "
                 "augmentations on every rank: set num_workers to 1 or more (docs/clusters.md)",
@@ -742,12 +754,25 @@ def site_checks(
     return checks
 
 
+def runs_several_processes(params: Params) -> bool:
+    """Whether a training stage runs more than one process (then srun starts them)."""
+    return any(
+        t.devices * t.num_nodes > 1 for t in (params.pretrain.trainer, params.finetune.trainer)
+    )
+
+
 def cpus_check(params: Params, env: dict[str, str]) -> Check:
     """Inside a SLURM batch job: does srun give each task the job's --cpus-per-task?"""
     if not slurm_manages(env):
         return Check("PASS", "cpus", "not in a SLURM job: each process uses this node's cores")
+    if not runs_several_processes(params):
+        # One process per stage (`sbatch --wrap "dvc repro"` on one GPU): no srun step starts
+        # the training, so the job's own CPUs are the process's.
+        return Check("PASS", "cpus", "one process per stage: it has the job's CPUs, no srun")
     wanted = max(params.pretrain.trainer.num_workers, params.finetune.trainer.num_workers) + 1
     per_task = env.get("SRUN_CPUS_PER_TASK") or env.get("SLURM_CPUS_PER_TASK")
+    if not per_task and wanted == 1:
+        return Check("PASS", "cpus", "each training task wants 1 core (num_workers 0)")
     if not per_task:
         return Check(
             "FAIL",
@@ -817,7 +842,8 @@ def run_checks(root: Path) -> list[Check]:
     else:
         checks += disk_checks(disk_places(params, paths, cache_dir, link))
     checks += [remote_check(paths.root), raw_data_check(params, paths)]
-    checks.append(leader_check(paths))
+    shared = runs_several_processes(params) or launched(dict(os.environ))
+    checks.append(leader_check(paths, shared=shared))
     try:
         site_cache_dir, hardlink_lock = dvc_site(paths.root)
     except Exception as error:  # no DVC project: said by the disk line already

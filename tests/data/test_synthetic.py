@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from depthpipe.config import load_params
-from depthpipe.data import diode, synthetic
+from depthpipe.data import diode, synthetic, synthetic_camera
 from depthpipe.paths import project_paths
 from depthpipe.stages import fetch
 from tests.helpers import write_params
@@ -143,16 +143,37 @@ def test_nearest_ground_depth__the_lowest_camera_looking_down_sees_ground_just_b
         boxes=(), poles=(), sun=(0.0, 1.0, 0.0), ground_colour=(0.5, 0.5, 0.5), texture_seed=0
     )
     camera = synthetic.Camera(
-        position=(0.0, synthetic.CAMERA_HEIGHT[0], 0.0),
+        position=(0.0, synthetic_camera.CAMERA_HEIGHT[0], 0.0),
         yaw=0.0,
-        pitch=np.radians(synthetic.PITCH_DEGREES[0]),
+        pitch=np.radians(synthetic_camera.PITCH_DEGREES[0]),
         roll=0.0,
         width=256,
         height=192,
     )
     _, depth, valid = synthetic.render(empty, camera)
-    nearest = synthetic.nearest_ground_depth()
+    nearest = synthetic_camera.nearest_ground_depth()
     closest = float(depth[valid].min())
     # pixel centres sit half a pixel inside the frame's edge, so a little farther than the edge
     assert nearest <= closest <= nearest * 1.02
     assert valid[-1].all()  # the bottom row is ground, valid in every column
+
+
+def test_every_view_shows_ground__highest_camera_looking_up_most_at_the_smallest_size() -> None:
+    """Why no data.synthetic value can empty a split (config's check): at the other extreme
+    of the camera's draws, highest, pitched up and rolled the most, at the schema's smallest
+    size, the bottom row still sees valid ground."""
+    empty = synthetic.Scene(
+        boxes=(), poles=(), sun=(0.0, 1.0, 0.0), ground_colour=(0.5, 0.5, 0.5), texture_seed=0
+    )
+    for roll in (-3.0, 3.0):
+        camera = synthetic.Camera(
+            position=(0.0, synthetic_camera.CAMERA_HEIGHT[1], 0.0),
+            yaw=0.0,
+            pitch=np.radians(synthetic_camera.PITCH_DEGREES[1]),
+            roll=np.radians(roll),
+            width=32,
+            height=24,
+        )
+        _, depth, valid = synthetic.render(empty, camera)
+        assert valid[-1].all(), roll
+        assert depth[-1].max() < synthetic_camera.SCANNER_RANGE

@@ -20,12 +20,16 @@ import numpy as np
 from PIL import Image
 
 from depthpipe.data import diode
+from depthpipe.data.synthetic_camera import (
+    CAMERA_HEIGHT,
+    DIODE_FX,
+    DIODE_FY,
+    DIODE_HEIGHT,
+    DIODE_WIDTH,
+    PITCH_DEGREES,
+    SCANNER_RANGE,
+)
 
-# DIODE's camera at 1024x768 (DIODE devkit / Vasiljevic et al. 2019): 60 x 45 degree field of view.
-DIODE_FX, DIODE_FY, DIODE_WIDTH, DIODE_HEIGHT = 886.81, 927.06, 1024, 768
-SCANNER_RANGE = 350.0  # metres: beyond it the FARO scanner gets no return (mask 0)
-CAMERA_HEIGHT = (1.0, 2.0)  # metres above the ground, drawn per scan
-PITCH_DEGREES = (-6.0, 8.0)  # drawn per view; positive looks up
 HAZE_PER_METRE = 1.0 / 250.0  # extinction coefficient: half the contrast is gone at ~170 m
 SKY_HORIZON = np.array([0.78, 0.84, 0.90])
 SKY_ZENITH = np.array([0.30, 0.48, 0.80])
@@ -333,16 +337,6 @@ def render(scene: Scene, camera: Camera) -> tuple[np.ndarray, np.ndarray, np.nda
     image = np.clip(np.round(colour * 255.0), 0, 255).astype(np.uint8)
     depth = np.where(valid, t, 0.0).astype(np.float32)
     return image, depth, valid
-
-
-def nearest_ground_depth() -> float:
-    """The smallest z-depth of ground any view can show: the lowest camera, pitched down the
-    most, at the bottom edge of the frame. Every view has ground below its horizon there, so a
-    valid depth range below this leaves the embedded data without a valid ground pixel."""
-    down = math.radians(-PITCH_DEGREES[0])
-    bottom_ray = (DIODE_HEIGHT / 2) / DIODE_FY  # camera-y per unit z-depth at the bottom edge
-    # World-downward component of that ray per unit z-depth, with the camera pitched down.
-    return CAMERA_HEIGHT[0] / (math.sin(down) + math.cos(down) * bottom_ray)
 
 
 def view_camera(
