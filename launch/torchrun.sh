@@ -2,8 +2,8 @@
 # One training stage on several nodes with torchrun, without SLURM. Start it on EVERY node, from
 # the project folder (on a filesystem all nodes share), with the same arguments:
 #
-#   NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh pretrain conservative   # on node0
-#   NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh pretrain conservative   # on node1
+#   RUN_ID=pre1 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh pretrain conservative  # node0
+#   RUN_ID=pre1 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh pretrain conservative  # node1
 #
 # then, after fetch, preprocess and init_scratch ran once (`dvc repro preprocess init_scratch`),
 # the same for `finetune scratch` and `finetune <aug>`, and `dvc repro evaluate` at the end.
@@ -22,6 +22,9 @@ case "$STAGE" in
 esac
 : "${NODE_RANK:?set NODE_RANK: 0 on the first node, 1, 2, ... on the others}"
 : "${MASTER_ADDR:?set MASTER_ADDR: the host name of the node with NODE_RANK=0}"
+# Names this launch on every node, so rank 0 alone lists the pretraining images and decides
+# whether to resume, and the other ranks take its decision (a new word for each launch).
+: "${RUN_ID:?set RUN_ID: the same new word on every node, for each launch (e.g. pre1)}"
 MASTER_PORT=${MASTER_PORT:-29500}  # a free TCP port on that node, the same on every node
 
 . .venv/bin/activate
@@ -45,9 +48,7 @@ export PYTHONUNBUFFERED=1
 # Static rendezvous with an explicit node rank: node 0's first process is global rank 0, the
 # one that writes the stage's outputs, so node 0 is also the one that commits them below.
 # No --max-restarts: a restarted worker would rejoin a half-finished run; rerunning the script
-# resumes pretraining from its checkpoint instead. RUN_ID (optional; the same new word on every
-# node, for each launch): names the launch, so rank 0 alone lists the pretraining images and the
-# other ranks take its decision; without it each rank lists them itself and decides alike.
+# resumes pretraining from its checkpoint instead. RUN_ID (above) becomes the rendezvous id.
 # Global rank 0 holds the project's leader lock while the stage runs.
 torchrun \
     --nnodes "$NNODES" \
@@ -55,7 +56,7 @@ torchrun \
     --node-rank "$NODE_RANK" \
     --rdzv-backend static \
     --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
-    ${RUN_ID:+--rdzv-id "depthpipe-$RUN_ID"} \
+    --rdzv-id "depthpipe-$RUN_ID" \
     -m "depthpipe.stages.$STAGE" "$ITEM"
 
 if [ "$NODE_RANK" = 0 ]; then

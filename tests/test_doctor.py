@@ -469,7 +469,11 @@ def test_torchrun_script__refuses_what_it_cannot_run() -> None:
         return subprocess.run(
             ["bash", str(LAUNCH / "torchrun.sh"), *args],
             cwd=REPO,
-            env={k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR")}
+            env={
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("NODE_RANK", "MASTER_ADDR", "RUN_ID")
+            }
             | env,
             capture_output=True,
             text=True,
@@ -480,6 +484,9 @@ def test_torchrun_script__refuses_what_it_cannot_run() -> None:
     assert single.returncode == 2 and "run: dvc repro evaluate" in single.stderr
     no_rank = run("pretrain", "conservative")
     assert no_rank.returncode != 0 and "set NODE_RANK" in no_rank.stderr
+    # without a launch name every rank would list the images and decide for itself
+    no_run_id = run("pretrain", "conservative", NODE_RANK="0", MASTER_ADDR="localhost")
+    assert no_run_id.returncode != 0 and "set RUN_ID" in no_run_id.stderr
 
 
 def test_slurm_allocation_matches_one_task_per_gpu() -> None:
