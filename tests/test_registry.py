@@ -538,7 +538,12 @@ def test_get__missing_name_or_version_is_a_clear_error(registry: Registry, tmp_p
 
 
 def sharing_section() -> str:
-    return REPO.joinpath("README.md").read_text().split("\n## Sharing", 1)[1].split("\n## ")[0]
+    return (
+        REPO.joinpath("docs", "sharing.md")
+        .read_text()
+        .split("\n## Sharing", 1)[1]
+        .split("\n## ")[0]
+    )
 
 
 def test_readme__quotes_the_shipped_remote_as_dvc_config_holds_it() -> None:
