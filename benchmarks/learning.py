@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -39,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from depthpipe.cli import configure_environment  # noqa: E402
 from depthpipe.config import Params, load_params  # noqa: E402
 from depthpipe.data.packed import PackedDepthDataset  # noqa: E402
-from depthpipe.metrics import aligned_metrics, average_metrics, depth_metrics  # noqa: E402
+from depthpipe.metrics import average_metrics, depth_and_aligned_metrics  # noqa: E402
 from depthpipe.model import load_finetuned  # noqa: E402
 from depthpipe.paths import (  # noqa: E402
     SCRATCH,
@@ -80,16 +79,6 @@ def curve(live: Path, name: str) -> list[float]:
 SCORED = ("abs_rel", "delta1", "abs_rel_aligned", "delta1_aligned")
 
 
-def scores_of(
-    predicted: np.ndarray, depth: np.ndarray, valid: np.ndarray, lo: float, hi: float
-) -> dict[str, float]:
-    """The metric and the scale-aligned scores of one prediction."""
-    return {
-        **depth_metrics(predicted, depth, valid, lo, hi),
-        **aligned_metrics(predicted, depth, valid, lo, hi),
-    }
-
-
 def packed_test_scores(root: Path, name: str) -> dict[str, tuple[float, ...]]:
     """abs_rel, delta1 and their scale-aligned twins on the packed test split at the training
     resolution."""
@@ -108,9 +97,9 @@ def packed_test_scores(root: Path, name: str) -> dict[str, tuple[float, ...]]:
             if not valid.any():
                 continue
             predicted = net(sample["image"][None])[0, 0].exp().numpy()
-            scores["network"].append(scores_of(predicted, depth, valid, lo, hi))
+            scores["network"].append(depth_and_aligned_metrics(predicted, depth, valid, lo, hi))
             guess = prior_depth(log_prior, depth.shape)
-            scores["prior"].append(scores_of(guess, depth, valid, lo, hi))
+            scores["prior"].append(depth_and_aligned_metrics(guess, depth, valid, lo, hi))
     return {
         name: tuple(round(avg[key], 3) for key in SCORED)
         for name, avg in ((n, average_metrics(s)) for n, s in scores.items())

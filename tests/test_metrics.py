@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from depthpipe.metrics import aligned_metrics, average_metrics, depth_metrics
+from depthpipe.metrics import (
+    aligned_metrics,
+    average_metrics,
+    depth_and_aligned_metrics,
+    depth_metrics,
+)
 
 
 def test_depth_metrics__hand_computed_with_masked_pixel() -> None:
@@ -95,3 +100,11 @@ def test_aligned_metrics__broken_predictions_score_badly_never_nan() -> None:
 def test_average_metrics__refuses_images_with_different_metrics() -> None:
     with pytest.raises(ValueError, match="different metrics"):
         average_metrics([{"abs_rel": 0.1}, {"abs_rel": 0.2, "abs_rel_aligned": 0.1}])
+
+
+def test_depth_and_aligned_metrics__both_sets_from_one_pass() -> None:
+    gt = np.linspace(2.0, 80.0, 200).reshape(10, 20)
+    pred = 1.7 * gt + np.sin(gt)
+    valid = gt < 60.0
+    both = depth_and_aligned_metrics(pred, gt, valid)
+    assert both == {**depth_metrics(pred, gt, valid), **aligned_metrics(pred, gt, valid)}

@@ -97,6 +97,25 @@ def aligned_metrics(
     """``abs_rel_aligned`` and ``delta1_aligned`` of one image: the prediction multiplied by
     median(gt / pred) over the valid pixels, clipped to the valid range, then scored."""
     p, d = valid_pairs(pred, gt, valid, min_depth, max_depth)
+    return _aligned_of_pairs(p, d, min_depth, max_depth)
+
+
+def depth_and_aligned_metrics(
+    pred: ArrayLike,
+    gt: ArrayLike,
+    valid: ArrayLike,
+    min_depth: float = 0.6,
+    max_depth: float = 350.0,
+) -> dict[str, float]:
+    """``depth_metrics`` and ``aligned_metrics`` of one image, its valid pixels gathered once
+    (a full-resolution test image is scored per model)."""
+    p, d = valid_pairs(pred, gt, valid, min_depth, max_depth)
+    return {**_metrics_of_pairs(p, d), **_aligned_of_pairs(p, d, min_depth, max_depth)}
+
+
+def _aligned_of_pairs(
+    p: torch.Tensor, d: torch.Tensor, min_depth: float, max_depth: float
+) -> dict[str, float]:
     scale = torch.median(d / p)
     scored = _metrics_of_pairs((p * scale).clamp(min_depth, max_depth), d)
     return {f"{name}_aligned": scored[name] for name in ("abs_rel", "delta1")}

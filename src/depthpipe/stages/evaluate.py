@@ -52,9 +52,8 @@ from depthpipe.metrics import (
     ALIGNED_METRIC_NAMES,
     HIGHER_IS_BETTER,
     METRIC_NAMES,
-    aligned_metrics,
     average_metrics,
-    depth_metrics,
+    depth_and_aligned_metrics,
 )
 from depthpipe.model import DepthNet, ModelSpec, load_finetuned, predict_depth
 from depthpipe.paths import (
@@ -203,16 +202,6 @@ class ImageScores:
     metrics: dict[str, dict[str, float]]  # model -> metric -> value
 
 
-def image_metrics(
-    prediction: np.ndarray, image: TestImage, lo: float, hi: float
-) -> dict[str, float]:
-    """The metric scores and the scale-aligned ones of one prediction of ``image``."""
-    return {
-        **depth_metrics(prediction, image.depth, image.valid, lo, hi),
-        **aligned_metrics(prediction, image.depth, image.valid, lo, hi),
-    }
-
-
 def score_images(
     images: Iterable[TestImage], params: Params
 ) -> tuple[dict[str, dict[str, float]], list[ImageScores]]:
@@ -229,7 +218,10 @@ def score_images(
     for im in images:
         if not im.valid.any():
             continue
-        metrics = {m: image_metrics(im.predictions[m], im, lo, hi) for m in MODELS}
+        metrics = {
+            m: depth_and_aligned_metrics(im.predictions[m], im.depth, im.valid, lo, hi)
+            for m in MODELS
+        }
         per_image.append(ImageScores(im.name, im.scan, metrics))
     if not per_image:
         raise DepthpipeError("evaluate: no test image has a valid pixel")
